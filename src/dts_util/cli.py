@@ -1,0 +1,294 @@
+"""The ``dts-util`` command line.
+
+Each command parses its options, sets up logging, and only then imports the
+heavy implementation (torch, diffusers, onnxruntime), so ``dts-util --help``
+and the client commands start fast. User errors print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from dts_util import __version__
+from dts_util.config import BUILTIN_MODEL_NAME, DEFAULT_PORT, default_engine_dir, default_model_dir
+
+app = typer.Typer(help="dts-util: a Draw Things gRPC image-generation server with compiled engines.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+engines_app = typer.Typer(help="Manage built engines (list, remove).", no_args_is_help=True)
+app.add_typer(engines_app, name="engines")
+err = Console(stderr=True)
+out = Console()
+
+SERVE, BUILD, CLIENT = "Serve", "Build", "Client"
+HostOpt = Annotated[str, typer.Option(help="Server host to connect to.", rich_help_panel=CLIENT)]
+PortOpt = Annotated[int, typer.Option(help="Server port.", rich_help_panel=CLIENT)]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the server's answer.", rich_help_panel=CLIENT)]
+ModelDirOpt = Annotated[Optional[Path], typer.Option(
+    "--model-path", help="Model store folder [default: $DTS_MODEL_DIR or the user data dir].", show_default=False)]
+EngineDirOpt = Annotated[Optional[Path], typer.Option(
+    help="Engine cache folder [default: $DTS_ENGINE_DIR, engines/ of a checkout, or the user cache dir].",
+    show_default=False)]
+
+
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+
+
+def _setup_logging(level: LogLevel, rich: bool) -> None:
+    if rich:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, rich_tracebacks=True, show_path=False)
+        fmt = "%(message)s"
+    else:  # the server's logs stay plain text, one line per record, for files and journald
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level.value.upper(), handlers=[handler], force=True)
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=1)
+
+
+def _rpc_error(exc: Exception, target: str) -> typer.Exit:
+    import grpc
+
+    if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return _fail(f"nothing is listening at {target} (start it with `dts-util serve`)")
+    if isinstance(exc, grpc.RpcError):
+        return _fail(f"{exc.code().name}: {exc.details()}")
+    return _fail(str(exc))
+
+
+@app.callback(invoke_without_command=True)
+def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        out.print(f"dts-util {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def serve(
+    address: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=SERVE)] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.", rich_help_panel=SERVE)] = DEFAULT_PORT,
+    model_path: ModelDirOpt = None,
+    engine_dir: EngineDirOpt = None,
+    default_model: Annotated[str, typer.Option(help="Model used when a request names none.",
+                                               rich_help_panel=SERVE)] = BUILTIN_MODEL_NAME,
+    device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda, cuda:1 ...",
+                                        rich_help_panel=SERVE)] = "auto",
+    max_queue: Annotated[int, typer.Option(help="Generations allowed to wait behind the running one.",
+                                           rich_help_panel=SERVE)] = 8,
+    max_upload_bytes: Annotated[int, typer.Option(help="Largest file UploadFile accepts.",
+                                                  rich_help_panel=SERVE)] = 16 * 1024**3,
+    engines: Annotated[bool, typer.Option(help="Use built engines where they match a request.",
+                                          rich_help_panel=BUILD)] = True,
+    build_missing: Annotated[bool, typer.Option(help="Build engines in the background for requested shapes "
+                                                     "that had none.", rich_help_panel=BUILD)] = False,
+    torch_compile: Annotated[bool, typer.Option(help="torch.compile the eager UNet (CUDA graphs on GPU).",
+                                                rich_help_panel=BUILD)] = False,
+    log_level: Annotated[LogLevel, typer.Option(help="Log verbosity.")] = LogLevel.info,
+) -> None:
+    """Start the gRPC server (drawthings.ImageGenerationService) and serve until Ctrl-C / SIGTERM."""
+    _setup_logging(log_level, rich=False)
+    import asyncio
+
+    from dts_util.config import ServerConfig
+    from dts_util.errors import DtsError
+    from dts_util.grpc.server import serve as run_server
+    from dts_util.service import ImageService
+
+    try:
+        config = ServerConfig(
+            model_dir=model_path or default_model_dir(), engine_dir=engine_dir or default_engine_dir(),
+            default_model=default_model, address=address, port=port, max_queue=max_queue,
+            max_upload_bytes=max_upload_bytes, device=device, build_missing=build_missing,
+            torch_compile=torch_compile)
+    except ValueError as exc:
+        raise _fail(str(exc))
+    manager = None
+    if engines:
+        from dts_util.engines.manager import EngineManager
+
+        manager = EngineManager(config.engine_dir, build_missing=build_missing)
+    try:
+        asyncio.run(run_server(config, ImageService(config, manager)))
+    except (DtsError, OSError) as exc:
+        raise _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def test(host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT, timeout: TimeoutOpt = 5.0) -> None:
+    """Check a running server: calls Echo and exits 0 only when it answers HELLO."""
+    from dts_util.client import Client
+
+    target = f"{host}:{port}"
+    try:
+        with Client(target, timeout) as client:
+            reply = client.echo()
+    except Exception as exc:  # grpc.RpcError and friends: report, don't trace
+        raise _rpc_error(exc, target)
+    if reply.message != "HELLO":
+        raise _fail(f"server at {target} answered {reply.message!r} instead of 'HELLO'")
+    out.print(f"[bold green]OK[/] server at {target} answered HELLO (dts-util {reply.server_version or '?'})")
+    out.print(f"models: {', '.join(reply.models) or 'none'}; default: {reply.default_model or '?'}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    negative_prompt: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    width: Annotated[int, typer.Option(help="Width (0 = model's native size).")] = 0,
+    height: Annotated[int, typer.Option(help="Height (0 = model's native size).")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps (0 = 20).")] = 0,
+    cfg_scale: Annotated[float, typer.Option(help="Guidance scale (0 = 7; <= 1 disables CFG).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed (-1 = random); image i uses seed + i.")] = -1,
+    sampler: Annotated[str, typer.Option(help="Sampler name, e.g. 'Euler a' ('' = DPM++ 2M Karras).")] = "",
+    batch_size: Annotated[int, typer.Option(help="Images per pass.")] = 1,
+    batch_count: Annotated[int, typer.Option(help="Number of passes.")] = 1,
+    enable_hr: Annotated[bool, typer.Option("--hires", help="High-res fix: upscale and refine.")] = False,
+    hr_scale: Annotated[float, typer.Option(help="High-res upscale factor (0 = 2).")] = 0.0,
+    denoising_strength: Annotated[float, typer.Option(help="High-res second-pass strength (0 = 0.7).")] = 0.0,
+    model: Annotated[str, typer.Option(help="Model name ('' = server default).")] = "",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("out"),
+    host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """Generate images on a running server and write them as PNGs; prints the generation info."""
+    from dts_util.client import Client
+
+    target = f"{host}:{port}"
+    fields = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                  cfg_scale=cfg_scale, seed=seed, sampler=sampler, batch_size=batch_size,
+                  batch_count=batch_count, enable_hr=enable_hr, hr_scale=hr_scale,
+                  denoising_strength=denoising_strength, model=model)
+    try:
+        with Client(target, timeout) as client, err.status("generating…"):
+            reply = client.generate(**fields)
+    except Exception as exc:
+        raise _rpc_error(exc, target)
+    info = json.loads(reply.info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for image, image_seed in zip(reply.images, info["seeds"]):
+        path = out_dir / f"{image_seed}.png"
+        path.write_bytes(image)
+        out.print(f"wrote {path}")
+    out.print_json(data=info)
+
+
+@app.command()
+def upload(
+    path: Annotated[Path, typer.Argument(help="Local file to upload.", exists=True, dir_okay=False)],
+    name: Annotated[Optional[str], typer.Option("--as", help="Name in the model store [default: file name].",
+                                                show_default=False)] = None,
+    host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT, timeout: TimeoutOpt = 3600.0,
+) -> None:
+    """Upload a file into the server's model store (checked by size and SHA-256)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from dts_util.client import Client
+
+    target = f"{host}:{port}"
+    try:
+        with Client(target, timeout) as client, Progress(
+            "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            console=err,
+        ) as progress:
+            task = progress.add_task(f"uploading {path.name}", total=path.stat().st_size)
+            reply = client.upload(path, name or path.name, lambda n: progress.advance(task, n))
+    except Exception as exc:
+        raise _rpc_error(exc, target)
+    out.print(reply.message)
+
+
+@app.command("files-exist")
+def files_exist(
+    names: Annotated[list[str], typer.Argument(help="Paths relative to the model store.")],
+    host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT, timeout: TimeoutOpt = 10.0,
+) -> None:
+    """Ask the server whether files exist in its model store. Exits 1 if any is missing or invalid."""
+    from dts_util.client import Client
+
+    target = f"{host}:{port}"
+    try:
+        with Client(target, timeout) as client:
+            reply = client.files_exist(names)
+    except Exception as exc:
+        raise _rpc_error(exc, target)
+    for name, exists, error in zip(reply.files, reply.exists, reply.errors):
+        verdict = f"[red]invalid[/]: {error}" if error else ("[green]exists[/]" if exists else "[yellow]missing[/]")
+        out.print(f"{name}: {verdict}", highlight=False)
+    if not all(reply.exists):
+        raise typer.Exit(code=1)
+
+
+SYSTEMD_UNIT = """[Unit]
+Description=dts-util Draw Things gRPC server
+After=network-online.target
+
+[Service]
+ExecStart={exe} serve --port {port} --model-path {model_dir} --engine-dir {engine_dir}
+Restart=on-failure
+
+[Install]
+WantedBy=default.target
+"""
+
+
+@app.command()
+def install(
+    port: Annotated[int, typer.Option(help="Port the installed server listens on.")] = DEFAULT_PORT,
+    model_path: ModelDirOpt = None,
+    engine_dir: EngineDirOpt = None,
+    service: Annotated[bool, typer.Option(help="Install and start a systemd user service.")] = True,
+) -> None:
+    """Prepare the model store (with the built-in model) and install a systemd user service for `serve`."""
+    _setup_logging(LogLevel.info, rich=True)
+    from dts_util.models.builtin import ensure_builtin_model
+    from dts_util.models.store import ModelStore
+
+    model_dir, engines = (model_path or default_model_dir()).resolve(), (engine_dir or default_engine_dir()).resolve()
+    with err.status("creating the built-in model…"):
+        folder = ensure_builtin_model(ModelStore(model_dir))
+    engines.mkdir(parents=True, exist_ok=True)
+    out.print(f"model store: {model_dir} (built-in model at {folder.name}/)\nengine dir: {engines}")
+    if not service:
+        out.print(f"run the server with: dts-util serve --port {port} --model-path {model_dir}")
+        return
+    exe = shutil.which("dts-util") or f"{sys.executable} -m dts_util"
+    unit = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "systemd/user/dts-util.service"
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text(SYSTEMD_UNIT.format(exe=exe, port=port, model_dir=model_dir, engine_dir=engines))
+    out.print(f"wrote {unit}")
+    if shutil.which("systemctl") is None:
+        raise _fail("systemctl is not available here; start the server with "
+                    f"`dts-util serve --port {port}` (or pass --no-service)")
+    result = subprocess.run(["systemctl", "--user", "enable", "--now", "dts-util.service"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise _fail(f"systemctl could not start the service: {result.stderr.strip()}; "
+                    f"start it by hand with `dts-util serve --port {port}`")
+    out.print(f"[green]started[/] dts-util.service; check it with `dts-util test --port {port}`")
+
+
+if __name__ == "__main__":
+    app()

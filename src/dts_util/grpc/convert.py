@@ -1,0 +1,33 @@
+"""Protocol messages <-> domain objects. With the servicer, the only importer of generated code."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from dts_util.grpc.proto import image_generation_pb2 as pb
+from dts_util.pipeline.params import GenerationRequest
+from dts_util.service import GenerationOutput
+
+
+def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
+    """Field for field: the domain request keeps the protocol's names and its 0-means-default rule."""
+    return GenerationRequest(**{f.name: getattr(message, f.name) for f in fields(GenerationRequest)})
+
+
+def generation_response(output: GenerationOutput) -> pb.ImageGenerationResponse:
+    return pb.ImageGenerationResponse(images=output.images, info=output.info, events=output.events)
+
+
+def echo_response(version: str, models: list[str], default_model: str) -> pb.EchoResponse:
+    return pb.EchoResponse(message="HELLO", server_version=version, models=models, default_model=default_model)
+
+
+def files_exist_response(results: list[tuple[str, bool, str]]) -> pb.FilesExistResponse:
+    """``results`` holds (file, exists, error) per requested entry, in request order."""
+    return pb.FilesExistResponse(files=[r[0] for r in results], exists=[r[1] for r in results],
+                                 errors=[r[2] for r in results])
+
+
+def upload_response(name: str, size: int, sha256: str) -> pb.UploadFileResponse:
+    return pb.UploadFileResponse(message=f"uploaded {name} ({size} bytes, sha256 {sha256})",
+                                 size=size, sha256=sha256)

@@ -1,0 +1,237 @@
+"""Loading Stable Diffusion 1.x / 2.x and SDXL models from the diffusers on-disk layout.
+
+This is the one path every model takes, the built-in one included: the real
+diffusers/transformers ``from_pretrained`` of each component folder. Components
+load lazily and one at a time, because when a compiled engine serves the UNet the
+eager UNet must never be resident beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dts_util.errors import ModelLoadError
+from dts_util.models.store import read_model_index
+
+log = logging.getLogger(__name__)
+
+SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline"}
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
+# from_pretrained initialises on the meta device by patching torch.nn.Module globally
+# (accelerate's init_empty_weights), so two loads in two threads corrupt each other.
+_LOAD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a model folder without loading any weights."""
+
+    name: str
+    path: Path
+    family: str  # "sd" (1.x / 2.x) or "sdxl"
+    unet_config: dict
+    vae_config: dict
+    scheduler_config: dict
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """Pixel size the UNet was trained at (sample_size is in latent pixels)."""
+        return int(self.unet_config["sample_size"]) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet_config.get("in_channels", 4))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+
+
+def inspect_model(name: str, path: Path) -> ModelInfo:
+    """Read a model folder's configs and decide its family; loads no weights."""
+    index = read_model_index(path)
+    class_name = index.get("_class_name", "")
+    if class_name in SDXL_PIPELINES or "text_encoder_2" in index:
+        family = "sdxl"
+    elif class_name in SD_PIPELINES or "text_encoder" in index:
+        family = "sd"
+    else:
+        raise ModelLoadError(f"model {name!r} is a {class_name or 'unknown'} pipeline; dts-util serves "
+                             "Stable Diffusion 1.x/2.x and SDXL models in the diffusers layout")
+    for part in ("unet", "vae", "scheduler", "tokenizer", "text_encoder"):
+        if not (path / part).is_dir():
+            raise ModelLoadError(f"model {name!r} has no {part}/ folder; is the diffusers layout complete?")
+    return ModelInfo(
+        name=name, path=path, family=family,
+        unet_config=_read_json(path / "unet" / "config.json"),
+        vae_config=_read_json(path / "vae" / "config.json"),
+        scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+    )
+
+
+def weight_files(path: Path) -> list[Path]:
+    """Every weight file of a model folder, in a stable order."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def model_fingerprint(path: Path, cache_file: Path | None = None) -> str:
+    """SHA-256 over a model's weight files (names and bytes).
+
+    Hashing SD1.5's 4 GB takes seconds, so results are cached in ``cache_file``
+    keyed by each file's size and modification time; a changed file is rehashed.
+    """
+    files = weight_files(path)
+    stamp = [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = str(path.resolve())
+    cache: dict[str, Any] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except ValueError:
+            cache = {}
+    if cache.get(key, {}).get("stamp") == stamp:
+        return cache[key]["sha256"]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    result = digest.hexdigest()
+    if cache_file is not None:
+        cache[key] = {"stamp": stamp, "sha256": result}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + ".tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    return result
+
+
+@dataclass
+class PromptEncoders:
+    """Tokenizers and text encoders: one pair for SD, two for SDXL."""
+
+    tokenizers: list[Any]
+    text_encoders: list[Any]
+
+
+@dataclass
+class LoadedModel:
+    """A model whose components load on first use.
+
+    Args:
+        info: configs and family, from ``inspect_model``.
+        device: torch device string.
+        dtype: torch dtype of the weights (fp16 on CUDA, fp32 on CPU).
+    """
+
+    info: ModelInfo
+    device: str
+    dtype: Any
+    fingerprint_cache: Path | None = None
+    _parts: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.info.path, self.fingerprint_cache)
+        return self._fingerprint
+
+    def _load(self, key: str, loader) -> Any:
+        with self._lock:
+            if key not in self._parts:
+                log.info("loading %s of %r on %s", key, self.name, self.device)
+                try:
+                    self._parts[key] = loader()
+                except (OSError, ValueError, RuntimeError) as exc:
+                    raise ModelLoadError(f"cannot load {key} of model {self.name!r}: {exc}") from exc
+            return self._parts[key]
+
+    def _from_pretrained(self, cls, subfolder: str) -> Any:
+        _quiet_hf_progress()
+        with _LOAD_LOCK:
+            module = cls.from_pretrained(self.info.path, subfolder=subfolder, torch_dtype=self.dtype,
+                                         local_files_only=True)
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def unet(self) -> Any:
+        from diffusers import UNet2DConditionModel
+
+        return self._load("unet", lambda: self._from_pretrained(UNet2DConditionModel, "unet"))
+
+    def vae(self) -> Any:
+        from diffusers import AutoencoderKL
+
+        return self._load("vae", lambda: self._from_pretrained(AutoencoderKL, "vae"))
+
+    def is_loaded(self, component: str) -> bool:
+        return component in self._parts
+
+    def unload(self, component: str) -> None:
+        """Drop an eager component (e.g. once an engine serves it) so its memory is freed."""
+        with self._lock:
+            if self._parts.pop(component, None) is not None:
+                log.info("unloaded eager %s of %r", component, self.name)
+                _empty_device_cache(self.device)
+
+    def prompt_encoders(self) -> PromptEncoders:
+        def load() -> PromptEncoders:
+            from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+            tokenizers = [AutoTokenizer.from_pretrained(self.info.path, subfolder="tokenizer", local_files_only=True)]
+            encoders = [self._from_pretrained(CLIPTextModel, "text_encoder")]
+            if self.info.family == "sdxl":
+                tokenizers.append(AutoTokenizer.from_pretrained(self.info.path, subfolder="tokenizer_2",
+                                                                local_files_only=True))
+                encoders.append(self._from_pretrained(CLIPTextModelWithProjection, "text_encoder_2"))
+            return PromptEncoders(tokenizers, encoders)
+
+        return self._load("text_encoders", load)
+
+
+def _quiet_hf_progress() -> None:
+    """Weight-loading progress bars belong in a terminal, not in the server's one-line-per-record log."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _empty_device_cache(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def default_dtype(device: str) -> Any:
+    import torch
+
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | None = None) -> LoadedModel:
+    """Inspect a diffusers model folder; components load on first use."""
+    return LoadedModel(inspect_model(name, path), device, default_dtype(device), fingerprint_cache)

@@ -1,0 +1,75 @@
+"""The two hot components as named-input callables, so the loop never knows who runs them.
+
+The denoising loop calls ``unet(sample=..., timestep=..., encoder_hidden_states=...)``
+and ``vae_decoder(latent=...)`` and gets a torch tensor back. Eager PyTorch modules
+and compiled engines (``engines/runtime.py``) both fit this shape; each says which
+backend it is and, when it is a fallback, why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The static shape a component runs at: latent height/width and batch as the component sees it."""
+
+    latent_height: int
+    latent_width: int
+    batch: int
+
+    def describe(self, vae_scale: int = 8) -> str:
+        return f"{self.latent_width * vae_scale}x{self.latent_height * vae_scale} b{self.batch}"
+
+
+class Component(Protocol):
+    backend: str  # "eager", "onnxruntime", "tensorrt", ...
+    reason: str  # why this backend was chosen ("" when an engine matched)
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor: ...
+
+
+class ComponentProvider(Protocol):
+    """Hands the pipeline a runner for each component at each shape (per request, per pass)."""
+
+    def unet(self, shape: Shape) -> Component: ...
+
+    def vae_decoder(self, shape: Shape) -> Component: ...
+
+
+class EagerUNet:
+    """A diffusers UNet2DConditionModel behind the named-input interface."""
+
+    backend = "eager"
+
+    def __init__(self, module: Any, reason: str = "") -> None:
+        self.module, self.reason = module, reason
+
+    @torch.inference_mode()
+    def __call__(self, *, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
+        return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                           added_cond_kwargs=added, return_dict=False)[0]
+
+
+class EagerVaeDecoder:
+    """A diffusers AutoencoderKL's decoder behind the named-input interface."""
+
+    backend = "eager"
+
+    def __init__(self, module: Any, reason: str = "") -> None:
+        self.module, self.reason = module, reason
+
+    @torch.inference_mode()
+    def __call__(self, *, latent: torch.Tensor) -> torch.Tensor:
+        return self.module.decode(latent, return_dict=False)[0]
+
+
+def describe_backend(component: Component) -> str:
+    """"onnxruntime" or "eager (no engine for 640x512 b2)": how info and logs name a choice."""
+    return f"{component.backend} ({component.reason})" if component.reason else component.backend

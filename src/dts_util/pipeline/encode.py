@@ -1,0 +1,88 @@
+"""Turning a GenerationResult into what goes on the wire: PNGs, info JSON and events.
+
+Every PNG carries its parameters in a ``parameters`` tEXt chunk in A1111's infotext
+format, so existing PNG-info readers (A1111, ComfyUI, exiftool) show them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from PIL import Image, PngImagePlugin
+
+from dts_util import __version__
+from dts_util.pipeline.params import ResolvedRequest
+from dts_util.pipeline.txt2img import GenerationResult
+
+
+def infotext(req: ResolvedRequest, seed: int) -> str:
+    """A1111's three-part infotext: prompt, ``Negative prompt:`` line, then ``Key: value`` pairs."""
+    fields = {
+        "Steps": req.steps,
+        "Sampler": req.sampler.name,
+        "CFG scale": f"{req.cfg_scale:g}",
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model": req.model,
+    }
+    if req.batch_size > 1:
+        fields["Batch size"] = req.batch_size
+    if req.enable_hr:
+        width, height = req.output_size
+        fields.update({"Denoising strength": f"{req.denoising_strength:g}",
+                       "Hires upscale": f"{req.hr_scale:g}", "Hires resize": f"{width}x{height}"})
+    fields["Version"] = f"dts-util {__version__}"
+    lines = [req.prompt]
+    if req.negative_prompt:
+        lines.append(f"Negative prompt: {req.negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def to_png(image: Image.Image, parameters: str) -> bytes:
+    metadata = PngImagePlugin.PngInfo()
+    metadata.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=metadata)
+    return buffer.getvalue()
+
+
+def encode_pngs(req: ResolvedRequest, result: GenerationResult) -> list[bytes]:
+    return [to_png(image, infotext(req, seed)) for image, seed in zip(result.images, result.seeds)]
+
+
+def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint: str = "") -> str:
+    """Every effective parameter of the request, plus which backend ran what and how long it took."""
+    width, height = req.output_size
+    info = {
+        "model": req.model,
+        "model_fingerprint": model_fingerprint,
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "width": req.width,
+        "height": req.height,
+        "output_width": width,
+        "output_height": height,
+        "steps": req.steps,
+        "cfg_scale": req.cfg_scale,
+        "guidance": req.use_cfg,
+        "sampler": req.sampler.name,
+        "scheduler": req.sampler.scheduler,
+        "seed": req.seed,
+        "seeds": result.seeds,
+        "batch_size": req.batch_size,
+        "batch_count": req.batch_count,
+        "enable_hr": req.enable_hr,
+        "hr_scale": req.hr_scale if req.enable_hr else None,
+        "denoising_strength": req.denoising_strength if req.enable_hr else None,
+        "restore_faces": False,
+        "backends": {"text_encoder": "eager", **result.backends},
+        "timings_ms": result.timings_ms,
+        "version": __version__,
+    }
+    return json.dumps(info)
+
+
+def event_strings(result: GenerationResult) -> list[str]:
+    return [json.dumps(event) for event in result.events]

@@ -1,0 +1,144 @@
+"""Generation parameters: the request as the client sent it, and as it will run.
+
+``GenerationRequest`` mirrors the protocol fields (0 = "use the default", since
+proto3 cannot tell unset from 0). ``resolve`` checks every value and fills the
+defaults, failing early with a message that names the bad value and the range.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from dts_util.errors import FeatureUnavailable, InvalidRequest
+from dts_util.pipeline.samplers import Sampler, find_sampler
+
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_STEPS = 150
+MAX_BATCH_SIZE = 8
+MAX_BATCH_COUNT = 16
+MAX_CFG = 100.0
+DEFAULT_STEPS = 20
+DEFAULT_CFG = 7.0
+DEFAULT_STRENGTH = 0.7
+DEFAULT_HR_SCALE = 2.0
+MAX_HR_SCALE = 4.0
+MAX_SEED = 2**63 - 1 - MAX_BATCH_SIZE * MAX_BATCH_COUNT
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A GenerateImage request, field for field (plus the dts-util extensions)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    cfg_scale: float = 0.0
+    seed: int = -1
+    sampler: str = ""
+    restore_faces: bool = False
+    enable_hr: bool = False
+    denoising_strength: float = 0.0
+    batch_size: int = 0
+    batch_count: int = 0
+    model: str = ""
+    hr_scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """Every effective parameter of one generation, after defaults and checks."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int
+    sampler: Sampler
+    batch_size: int
+    batch_count: int
+    enable_hr: bool
+    hr_scale: float
+    denoising_strength: float
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i of the request uses seed + i."""
+        return [self.seed + i for i in range(self.batch_size * self.batch_count)]
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the PNGs: upscaled by the high-res fix when it is on."""
+        if not self.enable_hr:
+            return self.width, self.height
+        return hr_dimension(self.width, self.hr_scale), hr_dimension(self.height, self.hr_scale)
+
+
+def hr_dimension(size: int, scale: float) -> int:
+    """Size after the high-res upscale, rounded to the 8-pixel grid latents need."""
+    return int(round(size * scale / 8)) * 8
+
+
+def _finite(name: str, value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidRequest(f"{name} is {value}; send a finite number")
+    return value
+
+
+def _check_size(name: str, value: int) -> None:
+    if value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
+        raise InvalidRequest(f"{name} is {value}; it must be a multiple of 8 in {MIN_SIZE}..{MAX_SIZE} "
+                             "(or 0 for the model's native size)")
+
+
+def _in_range(name: str, value: int, low: int, high: int, hint: str = "") -> None:
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} is {value}; it must be in {low}..{high}{hint}")
+
+
+def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedRequest:
+    """Check ``req`` and fill its defaults for a model of ``native_size`` pixels."""
+    if req.restore_faces:
+        raise FeatureUnavailable("restore_faces was requested, but no face-restoration model is installed "
+                                 "on this server; send restore_faces=false")
+    width, height = req.width or native_size, req.height or native_size
+    _check_size("width", width)
+    _check_size("height", height)
+    steps = req.steps or DEFAULT_STEPS
+    _in_range("steps", steps, 1, MAX_STEPS, " (or 0 for the default of 20)")
+    cfg = _finite("cfg_scale", req.cfg_scale) or DEFAULT_CFG
+    if not 0 <= cfg <= MAX_CFG:
+        raise InvalidRequest(f"cfg_scale is {cfg}; it must be in 0..{MAX_CFG:g} (<= 1 turns guidance off)")
+    batch_size, batch_count = req.batch_size or 1, req.batch_count or 1
+    _in_range("batch_size", batch_size, 1, MAX_BATCH_SIZE, " images per pass")
+    _in_range("batch_count", batch_count, 1, MAX_BATCH_COUNT, " passes")
+    if req.seed < -1 or req.seed > MAX_SEED:
+        raise InvalidRequest(f"seed is {req.seed}; send -1 for a random seed or a value in 0..{MAX_SEED}")
+    seed = random.randint(0, 2**32 - 1) if req.seed == -1 else req.seed
+    strength = _finite("denoising_strength", req.denoising_strength) or DEFAULT_STRENGTH
+    if not 0 < strength <= 1:
+        raise InvalidRequest(f"denoising_strength is {strength}; it must be in (0, 1] (or 0 for 0.7)")
+    hr_scale = _finite("hr_scale", req.hr_scale) or DEFAULT_HR_SCALE
+    if not 1 <= hr_scale <= MAX_HR_SCALE:
+        raise InvalidRequest(f"hr_scale is {hr_scale}; it must be in 1..{MAX_HR_SCALE:g} (or 0 for 2)")
+    if req.enable_hr:
+        for name, size in (("width", width), ("height", height)):
+            if hr_dimension(size, hr_scale) > MAX_SIZE:
+                raise InvalidRequest(f"high-res fix would make {name} {hr_dimension(size, hr_scale)} "
+                                     f"(> {MAX_SIZE}); lower hr_scale or {name}")
+    return ResolvedRequest(
+        model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
+        steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler),
+        batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
+        hr_scale=hr_scale, denoising_strength=strength,
+    )

@@ -1,0 +1,233 @@
+"""Text to image, top to bottom: encode the prompt, denoise, (high-res fix), decode.
+
+The loop is backend-agnostic: the UNet and the VAE decoder come from a
+``ComponentProvider`` per shape, so the same code runs eager PyTorch, ONNX
+Runtime or TensorRT, and the high-res second pass may run on another engine
+than the first.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dts_util.errors import GenerationCancelled
+from dts_util.models.loader import LoadedModel
+from dts_util.pipeline.components import Component, ComponentProvider, Shape, describe_backend
+from dts_util.pipeline.params import ResolvedRequest
+from dts_util.pipeline.samplers import make_scheduler, step_accepts_generator
+
+
+class EventLog:
+    """Draw Things-style signposts (textEncoded, sampling, imageDecoded, ...) with elapsed time."""
+
+    def __init__(self, listener: Callable[[dict], None] | None = None) -> None:
+        self.start = time.perf_counter()
+        self.events: list[dict] = []
+        self.listener = listener
+
+    def elapsed_ms(self) -> float:
+        return round((time.perf_counter() - self.start) * 1000, 1)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        record = {"event": event, **fields, "elapsed_ms": self.elapsed_ms()}
+        self.events.append(record)
+        if self.listener is not None:
+            self.listener(record)
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request and how they were made."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    backends: dict[str, str] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning for one pass, already repeated to the pass's batch (uncond first with CFG)."""
+
+    hidden_states: torch.Tensor
+    text_embeds: torch.Tensor | None = None  # SDXL pooled embeddings
+    time_ids: torch.Tensor | None = None  # SDXL size conditioning
+
+
+def never_stop() -> bool:
+    return False
+
+
+class Txt2ImgPipeline:
+    """Generates a ``ResolvedRequest`` with ``model``'s text encoders and ``components``' UNet/VAE.
+
+    Args:
+        model: the loaded model (tokenizers, text encoders, configs).
+        components: picks the UNet and VAE decoder runner per shape.
+        should_stop: polled between steps; True raises GenerationCancelled.
+    """
+
+    def __init__(self, model: LoadedModel, components: ComponentProvider,
+                 should_stop: Callable[[], bool] = never_stop) -> None:
+        self.model, self.components, self.should_stop = model, components, should_stop
+        self.device, self.dtype = model.device, model.dtype
+        self.vae_scale = model.info.vae_scale_factor
+
+    def __call__(self, req: ResolvedRequest, events: EventLog | None = None) -> GenerationResult:
+        events = events or EventLog()
+        result = GenerationResult(images=[], seeds=req.seeds)
+        timer = _Timer(result.timings_ms)
+
+        # 1. Encode the prompts once; every pass reuses them.
+        with timer("text_encode"):
+            embeddings = self.encode_prompt(req)
+        events.emit("textEncoded")
+
+        # 2. Each of batch_count passes denoises batch_size images, image i seeded with seed + i.
+        for index in range(req.batch_count):
+            seeds = req.seeds[index * req.batch_size:(index + 1) * req.batch_size]
+            result.images += self._one_pass(req, embeddings, seeds, events, timer, result.backends)
+        result.timings_ms["total"] = events.elapsed_ms()
+        result.events = events.events
+        return result
+
+    def _one_pass(self, req: ResolvedRequest, embeddings: PromptEmbeddings, seeds: list[int],
+                  events: EventLog, timer: "_Timer", backends: dict[str, str]) -> list[Image.Image]:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        # 3. First pass at width x height from pure noise.
+        with timer("sampling"):
+            latents = self.sample(req, embeddings, generators, req.width, req.height, strength=1.0,
+                                  events=events, event="sampling", backends=backends, backend_key="unet")
+        # 4. High-res fix: upscale the latents, then an img2img pass at denoising_strength.
+        if req.enable_hr:
+            width, height = req.output_size
+            latents = torch.nn.functional.interpolate(
+                latents, size=(height // self.vae_scale, width // self.vae_scale), mode="bilinear")
+            with timer("second_pass_sampling"):
+                latents = self.sample(req, embeddings, generators, width, height, req.denoising_strength,
+                                      events=events, event="secondPassSampling", backends=backends,
+                                      backend_key="unet_second_pass", initial=latents)
+        # 5. Decode to pixels.
+        with timer("decode"):
+            images = self.decode(latents, backends)
+        events.emit("secondPassImageDecoded" if req.enable_hr else "imageDecoded")
+        return images
+
+    def encode_prompt(self, req: ResolvedRequest) -> PromptEmbeddings:
+        """Token ids -> hidden states (and SDXL's pooled embeddings), uncond stacked before cond for CFG."""
+        cond, cond_pooled = self._encode_text(req.prompt)
+        embeds = [cond]
+        pooled = [cond_pooled]
+        if req.use_cfg:
+            uncond, uncond_pooled = self._encode_text(req.negative_prompt)
+            embeds, pooled = [uncond, cond], [uncond_pooled, cond_pooled]
+        hidden = torch.cat([e.repeat(req.batch_size, 1, 1) for e in embeds])
+        if self.model.info.family != "sdxl":
+            return PromptEmbeddings(hidden)
+        text_embeds = torch.cat([p.repeat(req.batch_size, 1) for p in pooled])
+        return PromptEmbeddings(hidden, text_embeds)
+
+    @torch.inference_mode()
+    def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        encoders = self.model.prompt_encoders()
+        hidden_states, pooled = [], None
+        for tokenizer, encoder in zip(encoders.tokenizers, encoders.text_encoders):
+            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            if self.model.info.family == "sdxl":
+                # SDXL conditions on the penultimate layer of both encoders, pooled from the second.
+                out = encoder(ids, output_hidden_states=True)
+                hidden_states.append(out.hidden_states[-2])
+                pooled = out[0]
+            else:
+                hidden_states.append(encoder(ids)[0])
+        return torch.cat(hidden_states, dim=-1).to(self.dtype), pooled
+
+    def _time_ids(self, width: int, height: int, batch: int) -> torch.Tensor:
+        # (original size, crop top-left, target size): no crop, trained-size conditioning.
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        return ids.repeat(batch, 1)
+
+    def sample(self, req: ResolvedRequest, embeddings: PromptEmbeddings, generators: list[torch.Generator],
+               width: int, height: int, strength: float, *, events: EventLog, event: str,
+               backends: dict[str, str], backend_key: str, initial: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the sampler for ``steps`` (x ``strength`` when starting from ``initial`` latents)."""
+        scheduler = make_scheduler(req.sampler, self.model.info.scheduler_config)
+        scheduler.set_timesteps(req.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        shape = (len(generators), self.model.info.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+        noise = noise.to(self.device, self.dtype)
+        if initial is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            # img2img: skip the first (1 - strength) of the schedule and noise the input to match.
+            start = min(int(req.steps * (1 - strength)), req.steps - 1) * scheduler.order
+            timesteps = timesteps[start:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            latents = scheduler.add_noise(initial, noise, timesteps[:1])
+
+        cfg_batch = 2 if req.use_cfg else 1
+        unet = self.components.unet(Shape(shape[2], shape[3], shape[0] * cfg_batch))
+        backends[backend_key] = describe_backend(unet)
+        extra = self._unet_extras(embeddings, width, height)
+        step_kwargs = {"generator": generators} if step_accepts_generator(scheduler) else {}
+        for i, t in enumerate(timesteps):
+            if self.should_stop():
+                raise GenerationCancelled("generation cancelled by the client")
+            latents = self._step(unet, scheduler, latents, t, embeddings, extra, req, step_kwargs)
+            events.emit(event, step=i + 1, total=len(timesteps))
+        return latents
+
+    def _unet_extras(self, embeddings: PromptEmbeddings, width: int, height: int) -> dict[str, torch.Tensor]:
+        if embeddings.text_embeds is None:
+            return {}
+        batch = embeddings.hidden_states.shape[0]
+        return {"text_embeds": embeddings.text_embeds, "time_ids": self._time_ids(width, height, batch)}
+
+    def _step(self, unet: Component, scheduler: Any, latents: torch.Tensor, t: torch.Tensor,
+              embeddings: PromptEmbeddings, extra: dict, req: ResolvedRequest, step_kwargs: dict) -> torch.Tensor:
+        latent_in = torch.cat([latents] * 2) if req.use_cfg else latents
+        latent_in = scheduler.scale_model_input(latent_in, t)
+        timestep = t.to(torch.float32).expand(latent_in.shape[0]).to(self.device)
+        noise_pred = unet(sample=latent_in, timestep=timestep,
+                          encoder_hidden_states=embeddings.hidden_states, **extra)
+        if req.use_cfg:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + req.cfg_scale * (cond - uncond)
+        return scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor, backends: dict[str, str]) -> list[Image.Image]:
+        """Latents -> PIL images, through the VAE decoder runner for this shape."""
+        decoder = self.components.vae_decoder(Shape(latents.shape[2], latents.shape[3], latents.shape[0]))
+        backends["vae_decoder"] = describe_backend(decoder)
+        scaling = self.model.info.vae_config.get("scaling_factor", 0.18215)
+        pixels = decoder(latent=latents / scaling)
+        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+class _Timer:
+    """Adds the wall time of each ``with timer(name)`` block to ``timings[name_ms]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    def __call__(self, name: str) -> "_Timer":
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        key = f"{self._name}_ms"
+        self.timings[key] = round(self.timings.get(key, 0.0) + (time.perf_counter() - self._start) * 1000, 1)

@@ -1,0 +1,60 @@
+"""One generation at a time per device, behind a bounded queue.
+
+Generations are heavy and the device is one, so they run one after the other on a
+single worker thread, while the event loop stays free for Echo and FilesExist.
+When ``max_waiting`` requests already wait, a new one is refused at once
+(RESOURCE_EXHAUSTED) instead of piling up. A client that cancels, or whose
+deadline passes, sets its stop flag; the running generation stops at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from dts_util.errors import QueueFull
+
+T = TypeVar("T")
+
+
+class GenerationQueue:
+    """Runs blocking jobs one at a time on a worker thread.
+
+    Args:
+        max_waiting: jobs allowed to wait while one runs; more are refused with QueueFull.
+    """
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
+        self._lock = asyncio.Lock()
+        self._pending = 0  # waiting + running
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def run(self, job: Callable[[], T], stop: threading.Event) -> T:
+        """Run ``job`` when the device is free. On cancellation, set ``stop`` and wait for the job to end."""
+        if self._pending > self.max_waiting:
+            raise QueueFull(f"{self._pending} generations are already queued or running (limit "
+                            f"{self.max_waiting} waiting); retry later")
+        self._pending += 1
+        try:
+            async with self._lock:
+                future = asyncio.get_running_loop().run_in_executor(self._executor, job)
+                try:
+                    return await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    # Keep holding the device until the job notices the flag, so two
+                    # generations never overlap on it.
+                    stop.set()
+                    await asyncio.wait([future])
+                    raise
+        finally:
+            self._pending -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,109 @@
+"""Shared fixtures: one built-in model per session, and real servers on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dts_util.client import Client
+from dts_util.config import ServerConfig
+from dts_util.models.builtin import ensure_builtin_model
+from dts_util.models.store import ModelStore
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`tensorrt` tests run wherever tensorrt imports and a CUDA GPU is present; elsewhere they skip."""
+    from dts_util.engines.backends import tensorrt_available
+
+    available, why = tensorrt_available()
+    if available:
+        return
+    skip = pytest.mark.skip(reason=f"TensorRT backend unavailable: {why}")
+    for item in items:
+        if "tensorrt" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    store = ModelStore(tmp_path_factory.mktemp("models"))
+    ensure_builtin_model(store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def base_config(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ServerConfig:
+    return ServerConfig(model_dir=model_store.root, engine_dir=tmp_path_factory.mktemp("engines"),
+                        address="127.0.0.1", port=0, device="cpu", max_upload_bytes=1024 * 1024)
+
+
+class ServerThread:
+    """The real server (``grpc/server.py``) on its own event loop in a background thread."""
+
+    def __init__(self, config: ServerConfig, engines=None) -> None:
+        from dts_util.service import ImageService
+
+        self.service = ImageService(config, engines)
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from dts_util.grpc.server import start_server
+
+        async def start() -> None:
+            self.running = await start_server(self.config, self.service)
+            await asyncio.to_thread(self.service.warm_up)
+            await self.running.set_serving(True)
+
+        self.loop.run_until_complete(start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        assert self.ready.wait(120), "server did not start"
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def client(self, timeout: float | None = 120) -> Client:
+        return Client(self.target, timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def server(base_config: ServerConfig) -> Iterator[ServerThread]:
+    with ServerThread(base_config) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerThread) -> Iterator[Client]:
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture
+def no_queue_server(base_config: ServerConfig) -> Iterator[ServerThread]:
+    """A second server whose queue admits no waiting request."""
+    with ServerThread(replace(base_config, max_queue=0)) as running:
+        yield running
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
