@@ -241,6 +241,196 @@ def files_exist(
         raise typer.Exit(code=1)
 
 
+class BackendChoice(str, Enum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+
+
+class PrecisionChoice(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class CfgChoice(str, Enum):
+    cfg = "cfg"
+    no_cfg = "no-cfg"
+    both = "both"
+
+
+class ComponentChoice(str, Enum):
+    unet = "unet"
+    vae_decoder = "vae_decoder"
+
+
+def _open_model(model: str, model_path: Optional[Path], engine_dir: Path):
+    """The fp32 CPU model exports come from (the built-in one is created if it is the one asked for)."""
+    from dts_util.models.builtin import ensure_builtin_model
+    from dts_util.models.loader import load_model
+    from dts_util.models.store import ModelStore
+
+    store = ModelStore(model_path or default_model_dir())
+    if model == BUILTIN_MODEL_NAME:
+        ensure_builtin_model(store)
+    folder = store.model_path(model)
+    if folder is None:
+        raise _fail(f"model {model!r} is not in {store.root}; available: {', '.join(store.model_names()) or 'none'}")
+    return load_model(model, folder, "cpu", fingerprint_cache=engine_dir / "fingerprints.json")
+
+
+@app.command("build-engines")
+def build_engines(
+    model: Annotated[str, typer.Option(help="Model to build engines for.", rich_help_panel=BUILD)] = BUILTIN_MODEL_NAME,
+    resolution: Annotated[Optional[list[str]], typer.Option(
+        help="WIDTHxHEIGHT; repeat for several [default: the model's native size].", rich_help_panel=BUILD,
+        show_default=False)] = None,
+    batch_size: Annotated[list[int], typer.Option(help="Images per pass; repeatable. The UNet is built at 2x "
+                                                       "this with CFG.", rich_help_panel=BUILD)] = [1],
+    backend: Annotated[BackendChoice, typer.Option(help="auto = tensorrt with a CUDA GPU, else onnxruntime.",
+                                                   rich_help_panel=BUILD)] = BackendChoice.auto,
+    precision: Annotated[PrecisionChoice, typer.Option(help="auto = fp16 for tensorrt, fp32 for onnxruntime.",
+                                                       rich_help_panel=BUILD)] = PrecisionChoice.auto,
+    component: Annotated[Optional[list[ComponentChoice]], typer.Option(
+        help="Components to build; repeatable [default: unet and vae_decoder].", rich_help_panel=BUILD,
+        show_default=False)] = None,
+    cfg: Annotated[CfgChoice, typer.Option(help="UNet batches for guided (cfg_scale > 1), unguided, or both.",
+                                           rich_help_panel=BUILD)] = CfgChoice.cfg,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan; build nothing.", rich_help_panel=BUILD)] = False,
+    engine_dir: EngineDirOpt = None,
+    model_path: ModelDirOpt = None,
+) -> None:
+    """Export a model's UNet and VAE decoder to ONNX and build one engine per resolution and batch."""
+    _setup_logging(LogLevel.warning, rich=True)
+    from dts_util.engines.builder import parse_resolution, plan
+    from dts_util.errors import DtsError
+
+    engines = engine_dir or default_engine_dir()
+    try:
+        loaded = _open_model(model, model_path, engines)
+        sizes = [parse_resolution(r) for r in resolution] if resolution else \
+            [(loaded.info.native_size, loaded.info.native_size)]
+        components = tuple(c.value for c in component) if component else ("unet", "vae_decoder")
+        with err.status("fingerprinting model weights…"):
+            jobs = plan(loaded, engines, sizes, batch_size, backend.value, precision.value, components, cfg.value)
+    except DtsError as exc:
+        raise _fail(str(exc))
+    if dry_run:
+        for job in jobs:
+            out.print(f"{job.label}: {job.skip_reason or 'to build'} -> {job.paths.engine}", highlight=False)
+        return
+    results = _run_builds(jobs, loaded, engines)
+    _print_build_table(results, engines)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(code=1)
+
+
+def _run_builds(jobs, model, engine_dir: Path):
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from dts_util.engines.builder import BuildResult, build
+    from dts_util.errors import DtsError
+
+    results = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=err) as progress:
+        overall = progress.add_task("engines", total=len(jobs))
+        for job in jobs:
+            step = progress.add_task(f"  {job.label}", total=3)
+            stages = {"export": 0, "build": 1, "validate": 2}
+
+            def on_stage(stage: str, step=step, job=job) -> None:
+                progress.update(step, completed=stages[stage], description=f"  {job.label}: {stage}")
+
+            try:
+                result = build(job, model, engine_dir, on_stage)
+            except (DtsError, RuntimeError, OSError, ValueError) as exc:
+                result = BuildResult(job, "failed", error=str(exc))
+            progress.update(step, completed=3, visible=False)
+            progress.advance(overall)
+            results.append(result)
+    return results
+
+
+def _print_build_table(results, engine_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"engines in {engine_dir}")
+    for column in ("component", "resolution", "batch", "backend", "precision", "size MB", "build s",
+                   "rel L2", "status"):
+        table.add_column(column, justify="right" if column in ("batch", "size MB", "build s", "rel L2") else "left")
+    for r in results:
+        job = r.job
+        status = {"built": "[green]built[/]", "skipped": "[dim]skipped[/] (valid)"}.get(
+            r.status, f"[red]failed[/]: {r.error}")
+        table.add_row(job.spec.name, job.key.resolution, str(job.shape.batch), job.backend.name, job.precision,
+                      f"{r.engine_bytes / 1e6:.1f}" if r.engine_bytes else "-",
+                      f"{r.seconds:.1f}" if r.seconds else "-",
+                      f"{r.rel_l2:.1e}" if r.rel_l2 is not None else "-", status)
+    out.print(table)
+
+
+@engines_app.command("list")
+def engines_list(engine_dir: EngineDirOpt = None, model_path: ModelDirOpt = None) -> None:
+    """List built engines and whether each is usable on this machine."""
+    from rich.table import Table
+
+    from dts_util.engines.inventory import engine_status
+
+    engines = engine_dir or default_engine_dir()
+    rows = engine_status(engines, model_path or default_model_dir())
+    if not rows:
+        out.print(f"no engines in {engines}; build some with `dts-util build-engines`")
+        return
+    table = Table(title=f"engines in {engines}")
+    for column in ("model", "component", "resolution", "batch", "backend", "precision", "size MB", "rel L2",
+                   "status"):
+        table.add_column(column)
+    for record, status in rows:
+        m = record.manifest
+        table.add_row(m["model"], m["component"], m.get("resolution", "?"), str(m["shape"]["batch"]),
+                      f"{m['backend']} {m['backend_version']}", m["precision"],
+                      f"{m.get('engine_bytes', 0) / 1e6:.1f}", f"{m.get('validation', {}).get('rel_l2', 0):.1e}",
+                      "[green]usable[/]" if status is None else f"[yellow]stale[/]: {status}")
+    out.print(table)
+
+
+@engines_app.command("rm")
+def engines_rm(
+    model: Annotated[Optional[str], typer.Option(help="Only engines of this model.")] = None,
+    resolution: Annotated[Optional[str], typer.Option(help="Only engines at WIDTHxHEIGHT.")] = None,
+    component: Annotated[Optional[ComponentChoice], typer.Option(help="Only this component.")] = None,
+    stale: Annotated[bool, typer.Option(help="Only engines not usable on this machine.")] = False,
+    all_engines: Annotated[bool, typer.Option("--all", help="Every engine (and ONNX export).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    engine_dir: EngineDirOpt = None,
+    model_path: ModelDirOpt = None,
+) -> None:
+    """Remove engines (engine file, data file and manifest) selected by the filters."""
+    from dts_util.engines.inventory import engine_status, remove_engine, remove_exports
+
+    if not (model or resolution or component or stale or all_engines):
+        raise _fail("say which engines to remove: --model, --resolution, --component, --stale or --all")
+    engines = engine_dir or default_engine_dir()
+    chosen = [record for record, status in engine_status(engines, model_path or default_model_dir())
+              if (model is None or record.model == model)
+              and (resolution is None or record.manifest.get("resolution") == resolution)
+              and (component is None or record.component == component.value)
+              and (not stale or status is not None)]
+    if not chosen and not all_engines:
+        out.print("no engines match")
+        return
+    if not yes and not typer.confirm(f"remove {len(chosen)} engine(s) from {engines}?"):
+        raise typer.Exit(code=1)
+    for record in chosen:
+        remove_engine(record)
+        out.print(f"removed {record.engine_path.name}")
+    if all_engines:
+        removed = remove_exports(engines, model)
+        out.print(f"removed {removed} ONNX export(s)")
+
+
 SYSTEMD_UNIT = """[Unit]
 Description=dts-util Draw Things gRPC server
 After=network-online.target

@@ -1,0 +1,146 @@
+"""ONNX export of a model's UNet and VAE decoder, checked against PyTorch.
+
+One export per (model weights, component), in fp32, shared by every backend,
+resolution and batch: batch and spatial axes are dynamic, and engines fix them.
+fp32 keeps the export runnable by ONNX Runtime's CPU provider for validation;
+TensorRT builds fp16 engines from it with its fp16 flag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dts_util.engines.paths import onnx_dir
+from dts_util.engines.specs import ComponentSpec
+from dts_util.errors import EngineBuildError
+from dts_util.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # the TorchScript exporter's UNet/VAE export is verified at 17
+PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx file cannot hold more; larger weights go to external data
+EXPORT_TOLERANCE = 1e-3  # relative L2 between ONNX Runtime and PyTorch, both fp32
+MODEL_FILE, DATA_FILE, RECORD_FILE = "model.onnx", "model.onnx.data", "export.json"
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What export.json says about one ONNX export."""
+
+    component: str
+    model_fingerprint: str
+    opset: int
+    rel_l2: float
+    tolerance: float
+    seconds: float
+    bytes: int
+    torch_version: str
+
+
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    actual, expected = actual.double().flatten(), expected.double().flatten()
+    return float(torch.linalg.norm(actual - expected) / torch.linalg.norm(expected).clamp_min(1e-12))
+
+
+def onnx_model_path(engine_dir: Path, model: LoadedModel, component: str) -> Path:
+    return onnx_dir(engine_dir, model.name, model.fingerprint, component, "fp32") / MODEL_FILE
+
+
+def read_export_record(folder: Path) -> ExportRecord | None:
+    try:
+        return ExportRecord(**json.loads((folder / RECORD_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def export_component(model: LoadedModel, spec: ComponentSpec, engine_dir: Path,
+                     tolerance: float = EXPORT_TOLERANCE) -> tuple[Path, ExportRecord]:
+    """Export (or reuse) ``spec``'s ONNX for ``model``; returns the .onnx path and its record.
+
+    ``model`` must be an fp32 model on the CPU (see ``load_model(..., device="cpu")``).
+    The export is written to a temporary folder, validated, and renamed into place.
+    """
+    final = onnx_dir(engine_dir, model.name, model.fingerprint, spec.name, "fp32")
+    record = read_export_record(final)
+    if record is not None and record.model_fingerprint == model.fingerprint and (final / MODEL_FILE).is_file():
+        return final / MODEL_FILE, record
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".partial-{spec.name}-", dir=final.parent))
+    try:
+        start = time.perf_counter()
+        path = _export_to(model, spec, tmp)
+        rel_l2 = validate_onnx(model, spec, path)
+        if rel_l2 > tolerance:
+            raise EngineBuildError(f"ONNX export of {spec.name} differs from PyTorch: relative L2 error "
+                                   f"{rel_l2:.2e} > tolerance {tolerance:.0e}; the export is not usable")
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+        record = ExportRecord(spec.name, model.fingerprint, OPSET, rel_l2, tolerance,
+                              round(time.perf_counter() - start, 2), size, torch.__version__)
+        (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
+        if final.exists():
+            shutil.rmtree(final)  # an export of other weights or a failed record: replace it
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s of %r to ONNX (rel L2 %.2e, %.1fs)", spec.name, model.name, record.rel_l2, record.seconds)
+    return final / MODEL_FILE, record
+
+
+def _export_to(model: LoadedModel, spec: ComponentSpec, folder: Path) -> Path:
+    """torch.onnx.export (TorchScript exporter) into ``folder``, weights over 2 GB as one external file."""
+    import onnx
+
+    info = model.info
+    inputs = spec.sample_inputs(info, spec.representative_shape(info))
+    raw = folder / "raw"
+    raw.mkdir()
+    # The tracer warns about every Python-side shape check in diffusers; they are expected.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            spec.export_module(model), tuple(inputs.values()), str(raw / MODEL_FILE),
+            input_names=list(inputs), output_names=spec.output_names(), dynamic_axes=spec.dynamic_axes(info),
+            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
+    # The exporter scatters >2 GB weights over one file per tensor; gather them into one.
+    proto = onnx.load(str(raw / MODEL_FILE), load_external_data=True)
+    external = proto.ByteSize() > PROTOBUF_LIMIT if _fits_bytesize(proto) else True
+    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=DATA_FILE)
+    shutil.rmtree(raw)
+    return folder / MODEL_FILE
+
+
+def _fits_bytesize(proto) -> bool:
+    try:
+        proto.ByteSize()
+        return True
+    except Exception:  # protobuf refuses to size messages over 2 GB on some versions
+        return False
+
+
+def validate_onnx(model: LoadedModel, spec: ComponentSpec, path: Path, seed: int = 1) -> float:
+    """Relative L2 between ONNX Runtime (through polygraphy's runner) and PyTorch on seeded inputs."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.ERROR  # its per-session info lines would interleave with our progress
+    info = model.info
+    inputs = spec.sample_inputs(info, spec.representative_shape(info), seed=seed)
+    with torch.inference_mode():
+        expected = spec.export_module(model)(**inputs)
+    with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
+        outputs = runner.infer({name: value.numpy() for name, value in inputs.items()})
+    actual = torch.from_numpy(outputs[spec.output_names()[0]])
+    return relative_l2(actual, expected)
+

@@ -1,0 +1,165 @@
+"""Serving-side engine selection: the engine that exactly matches a request, or why none does.
+
+For each (model, component, shape) the manager looks the registry up, skips
+engines that are stale for this machine (with one warning each), loads the best
+usable one (tensorrt before onnxruntime) and keeps a few runners resident. A
+corrupt engine file is logged and skipped, never fatal. With ``build_missing``,
+shapes that had no engine are queued for a background build, and the registry
+picks the result up on a later request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from dts_util.engines.backends import BACKENDS, get_backend, onnxruntime_available, tensorrt_available
+from dts_util.engines.backends.base import Runner
+from dts_util.engines.device import device_fingerprint, device_info
+from dts_util.engines.registry import EngineRecord, EngineRegistry
+from dts_util.models.loader import LoadedModel
+from dts_util.pipeline.components import Shape
+
+log = logging.getLogger(__name__)
+PREFERENCE = {name: rank for rank, name in enumerate(BACKENDS)}  # tensorrt first
+
+
+class EngineManager:
+    """Finds, loads and caches engine runners for requests.
+
+    Args:
+        engine_dir: the engine cache root.
+        build_missing: queue background builds for shapes that had no engine.
+        max_resident: runners kept loaded per component (each holds its own weights).
+    """
+
+    def __init__(self, engine_dir: Path, build_missing: bool = False, max_resident: int = 2) -> None:
+        self.registry = EngineRegistry(engine_dir)
+        self.engine_dir = Path(engine_dir)
+        self.max_resident = max_resident
+        self._runners: OrderedDict[Path, Runner] = OrderedDict()
+        self._broken: dict[Path, tuple[int, str]] = {}
+        self._versions: dict[str, str] | None = None
+        self._lock = threading.RLock()
+        self.builds = BackgroundBuilds(engine_dir) if build_missing else None
+
+    def backend_versions(self) -> dict[str, str]:
+        """Backends that can run here, with their versions (probed once)."""
+        if self._versions is None:
+            checks = {"tensorrt": tensorrt_available, "onnxruntime": onnxruntime_available}
+            self._versions = {name: get_backend(name).version() for name in BACKENDS if checks[name]()[0]}
+        return self._versions
+
+    def runner_for(self, model: LoadedModel, component: str, shape: Shape) -> tuple[Runner | None, str]:
+        """(runner, "") for a usable engine, else (None, why the component runs eagerly)."""
+        with self._lock:
+            usable, reasons = self._usable(model, component, shape)
+            for record in usable:
+                runner = self._load(record, model.device)
+                if runner is not None:
+                    return runner, ""
+                reasons.append(f"engine {record.engine_path.name} unreadable")
+        reason = "; ".join(reasons) or f"no engine for {shape.describe(model.info.vae_scale_factor)}"
+        if self.builds is not None:
+            if self.builds.request(model, component, shape):
+                reason += "; background build queued"
+        return None, reason
+
+    def _usable(self, model: LoadedModel, component: str, shape: Shape) -> tuple[list[EngineRecord], list[str]]:
+        device_fp = device_fingerprint(device_info(model.device))
+        usable, reasons = [], []
+        for record in self.registry.matching(model.name, component, shape):
+            why = EngineRegistry.unusable_reason(record, model.fingerprint, device_fp, self.backend_versions())
+            if why is None:
+                usable.append(record)
+            else:
+                self.registry.warn_once(record.manifest_path, f"engine ignored: {why}")
+                reasons.append(f"{record.backend} engine stale: {why}")
+        usable.sort(key=lambda r: PREFERENCE.get(r.backend, len(PREFERENCE)))
+        if usable:
+            reasons.clear()
+        return usable, reasons
+
+    def _load(self, record: EngineRecord, device: str) -> Runner | None:
+        path = record.engine_path
+        if path in self._runners:
+            self._runners.move_to_end(path)
+            return self._runners[path]
+        stamp = path.stat().st_mtime_ns
+        if self._broken.get(path, (None,))[0] == stamp:
+            return None
+        try:
+            runner = get_backend(record.backend).load(path, record.input_shapes, record.output_name,
+                                                      device=device).activate()
+        except Exception as exc:  # corrupt or foreign file: skip it, keep serving
+            self._broken[path] = (stamp, str(exc))
+            log.error("engine %s could not be loaded and is skipped: %s", path, exc)
+            return None
+        self._runners[path] = runner
+        self._evict(record.component)
+        log.info("loaded %s engine %s", record.backend, path.name)
+        return runner
+
+    def _evict(self, component: str) -> None:
+        same = [p for p in self._runners if p.name.startswith(f"{component}-")]
+        for path in same[:-self.max_resident]:
+            self._runners.pop(path).deactivate()
+
+    def close(self) -> None:
+        with self._lock:
+            for runner in self._runners.values():
+                runner.deactivate()
+            self._runners.clear()
+        if self.builds is not None:
+            self.builds.stop()
+
+
+class BackgroundBuilds:
+    """A worker thread that builds engines for shapes requests needed but had none."""
+
+    def __init__(self, engine_dir: Path) -> None:
+        self.engine_dir = engine_dir
+        self._queue: queue.Queue = queue.Queue()
+        self._requested: set[tuple[str, str, str, Shape]] = set()
+        self._thread = threading.Thread(target=self._work, name="engine-builds", daemon=True)
+        self._thread.start()
+
+    def request(self, model: LoadedModel, component: str, shape: Shape) -> bool:
+        """Queue a build once per (model weights, component, shape); True if newly queued."""
+        key = (model.name, model.fingerprint, component, shape)
+        if key in self._requested:
+            return False
+        self._requested.add(key)
+        self._queue.put((model, component, shape))
+        return True
+
+    def _work(self) -> None:
+        from dts_util.engines.builder import build, plan
+        from dts_util.models.loader import load_model
+
+        while (item := self._queue.get()) is not None:
+            model, component, shape = item
+            try:
+                # Exports need fp32 weights on the CPU; a CPU server's model already is that.
+                source = model if model.device == "cpu" else load_model(model.name, model.info.path, "cpu")
+                scale = model.info.vae_scale_factor
+                # cfg="no-cfg" makes the planned UNet batch exactly the requested one.
+                jobs = plan(source, self.engine_dir, [(shape.latent_width * scale, shape.latent_height * scale)],
+                            [shape.batch], components=(component,), cfg="no-cfg",
+                            device=model.device if model.device.startswith("cuda") else None)
+                for job in jobs:
+                    build(job, source, self.engine_dir)
+            except Exception:
+                log.exception("background build of %s %s failed", component, shape.describe())
+            finally:
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Block until every queued build finished (tests, shutdown)."""
+        self._queue.join()
+
+    def stop(self) -> None:
+        self._queue.put(None)
