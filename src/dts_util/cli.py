@@ -28,7 +28,8 @@ app = typer.Typer(help="dts-util: a Draw Things gRPC image-generation server wit
 engines_app = typer.Typer(help="Manage built engines (list, remove).", no_args_is_help=True)
 app.add_typer(engines_app, name="engines")
 err = Console(stderr=True)
-out = Console()
+# soft_wrap: long lines (hashes, paths) stay whole when piped into files and scripts.
+out = Console(soft_wrap=True)
 
 SERVE, BUILD, CLIENT = "Serve", "Build", "Client"
 HostOpt = Annotated[str, typer.Option(help="Server host to connect to.", rich_help_panel=CLIENT)]
@@ -60,6 +61,11 @@ def _setup_logging(level: LogLevel, rich: bool) -> None:
     logging.basicConfig(level=level.value.upper(), handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_table(table) -> None:
+    """Tables print at full width when piped, instead of being cut to 80 columns."""
+    (out if out.is_terminal else Console(width=240)).print(table)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -368,7 +374,7 @@ def _print_build_table(results, engine_dir: Path) -> None:
                       f"{r.engine_bytes / 1e6:.1f}" if r.engine_bytes else "-",
                       f"{r.seconds:.1f}" if r.seconds else "-",
                       f"{r.rel_l2:.1e}" if r.rel_l2 is not None else "-", status)
-    out.print(table)
+    _print_table(table)
 
 
 @engines_app.command("list")
@@ -393,7 +399,7 @@ def engines_list(engine_dir: EngineDirOpt = None, model_path: ModelDirOpt = None
                       f"{m['backend']} {m['backend_version']}", m["precision"],
                       f"{m.get('engine_bytes', 0) / 1e6:.1f}", f"{m.get('validation', {}).get('rel_l2', 0):.1e}",
                       "[green]usable[/]" if status is None else f"[yellow]stale[/]: {status}")
-    out.print(table)
+    _print_table(table)
 
 
 @engines_app.command("rm")

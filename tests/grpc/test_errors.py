@@ -35,6 +35,8 @@ BAD_REQUESTS = [
                                                              "available models: builtin-tiny-sd"),
     (dict(model="../outside"), INVALID, "contains '..'"),
     (dict(restore_faces=True), grpc.StatusCode.FAILED_PRECONDITION, "no face-restoration model is installed"),
+    (dict(prompt="x" * 20000), INVALID, "prompt has 20000 characters; send at most 16384"),
+    (dict(negative_prompt="y" * 20000), INVALID, "negative_prompt has 20000 characters"),
 ]
 
 

@@ -47,6 +47,7 @@ def test_events_are_draw_things_signposts(client: Client) -> None:
     names = [e["event"] for e in events]
     assert names == ["textEncoded", "sampling", "sampling", "sampling", "imageDecoded"]
     assert [(e["step"], e["total"]) for e in events[1:4]] == [(1, 3), (2, 3), (3, 3)]
+    assert events[1]["backend"] == "eager" and events[-1]["backend"] == "eager"
     assert all(e["elapsed_ms"] >= 0 for e in events)
 
 

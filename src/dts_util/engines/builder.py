@@ -87,7 +87,7 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
          cfg: str = "cfg", device: str | None = None) -> list[BuildJob]:
     """Every engine the request asks for, each marked with whether it already exists and is valid."""
     backend = get_backend(resolve_backend(backend_name))
-    device = device or ("cuda" if backend.name == "tensorrt" else model.device)
+    device = device or default_build_device(backend.name)
     precision = ("fp16" if backend.name == "tensorrt" else "fp32") if precision == "auto" else precision
     backend.check_precision(precision, device)
     info = device_info(device)
@@ -109,6 +109,16 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
                     job.skip_reason = existing_engine(job, device_fingerprint(info))
                     jobs.append(job)
     return jobs
+
+
+def default_build_device(backend: str) -> str:
+    """Where engines of ``backend`` will run: TensorRT on the GPU; ONNX Runtime on the GPU only
+    when onnxruntime-gpu's CUDA provider is installed (and torch sees a GPU), else on the CPU."""
+    if backend == "tensorrt":
+        return "cuda"
+    from dts_util.engines.backends.onnxruntime import providers_for
+
+    return "cuda" if torch.cuda.is_available() and providers_for("cuda")[0] == "CUDAExecutionProvider" else "cpu"
 
 
 def existing_engine(job: BuildJob, device_fp: str) -> str:

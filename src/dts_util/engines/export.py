@@ -89,6 +89,7 @@ def export_component(model: LoadedModel, spec: ComponentSpec, engine_dir: Path,
         (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
         if final.exists():
             shutil.rmtree(final)  # an export of other weights or a failed record: replace it
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +135,7 @@ def validate_onnx(model: LoadedModel, spec: ComponentSpec, path: Path, seed: int
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.severity = G_LOGGER.ERROR  # its per-session info lines would interleave with our progress
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-session info lines would interleave with our progress
     info = model.info
     inputs = spec.sample_inputs(info, spec.representative_shape(info), seed=seed)
     with torch.inference_mode():

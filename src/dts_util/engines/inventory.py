@@ -5,22 +5,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dts_util.engines.backends import BACKENDS, get_backend, onnxruntime_available, tensorrt_available
+from dts_util.engines.backends import available_backend_versions
 from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.registry import EngineRecord, EngineRegistry
 from dts_util.models.loader import model_fingerprint
 from dts_util.models.store import ModelStore
 
 
-def _available_versions() -> dict[str, str]:
-    checks = {"tensorrt": tensorrt_available, "onnxruntime": onnxruntime_available}
-    return {name: get_backend(name).version() for name in BACKENDS if checks[name]()[0]}
-
-
 def engine_status(engine_dir: Path, model_dir: Path) -> list[tuple[EngineRecord, str | None]]:
     """Every engine with None when it is usable here, or the reason it is stale."""
     store = ModelStore(model_dir)
-    versions, fingerprints = _available_versions(), {}
+    versions, fingerprints = available_backend_versions(), {}
     rows = []
     for record in EngineRegistry(engine_dir).records():
         if record.model not in fingerprints:

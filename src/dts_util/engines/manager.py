@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from dts_util.engines.backends import BACKENDS, get_backend, onnxruntime_available, tensorrt_available
+from dts_util.engines.backends import BACKENDS, available_backend_versions, get_backend
 from dts_util.engines.backends.base import Runner
 from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.registry import EngineRecord, EngineRegistry
@@ -49,8 +49,7 @@ class EngineManager:
     def backend_versions(self) -> dict[str, str]:
         """Backends that can run here, with their versions (probed once)."""
         if self._versions is None:
-            checks = {"tensorrt": tensorrt_available, "onnxruntime": onnxruntime_available}
-            self._versions = {name: get_backend(name).version() for name in BACKENDS if checks[name]()[0]}
+            self._versions = available_backend_versions()
         return self._versions
 
     def runner_for(self, model: LoadedModel, component: str, shape: Shape) -> tuple[Runner | None, str]:

@@ -144,6 +144,7 @@ def ensure_builtin_model(store: ModelStore, name: str = BUILTIN_MODEL_NAME) -> P
             f"with random weights (seed {SEED}). Its images are abstract noise.\n"
         )
         (tmp / "dts_builtin.json").write_text(json.dumps({"seed": SEED, "unet": UNET_CONFIG}, default=list))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the model folder is an ordinary one
         tmp.rename(target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -117,6 +117,7 @@ class Upload:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; stored files follow the umask
         os.replace(self._tmp, self.target)
         return digest
 
@@ -125,6 +126,12 @@ class Upload:
         if not self._file.closed:
             self._file.close()
         self._tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def read_model_index(folder: Path) -> dict:

@@ -25,6 +25,8 @@ DEFAULT_STRENGTH = 0.7
 DEFAULT_HR_SCALE = 2.0
 MAX_HR_SCALE = 4.0
 MAX_SEED = 2**63 - 1 - MAX_BATCH_SIZE * MAX_BATCH_COUNT
+# CLIP reads 77 tokens; far longer text only costs tokenizer time.
+MAX_PROMPT_CHARS = 16384
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
     if req.restore_faces:
         raise FeatureUnavailable("restore_faces was requested, but no face-restoration model is installed "
                                  "on this server; send restore_faces=false")
+    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"{name} has {len(text)} characters; send at most {MAX_PROMPT_CHARS} "
+                                 "(the text encoder reads only the first 77 tokens)")
     width, height = req.width or native_size, req.height or native_size
     _check_size("width", width)
     _check_size("height", height)

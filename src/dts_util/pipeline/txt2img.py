@@ -117,7 +117,7 @@ class Txt2ImgPipeline:
         # 5. Decode to pixels.
         with timer("decode"):
             images = self.decode(latents, backends)
-        events.emit("secondPassImageDecoded" if req.enable_hr else "imageDecoded")
+        events.emit("secondPassImageDecoded" if req.enable_hr else "imageDecoded", backend=backends["vae_decoder"])
         return images
 
     def encode_prompt(self, req: ResolvedRequest) -> PromptEmbeddings:
@@ -184,7 +184,7 @@ class Txt2ImgPipeline:
             if self.should_stop():
                 raise GenerationCancelled("generation cancelled by the client")
             latents = self._step(unet, scheduler, latents, t, embeddings, extra, req, step_kwargs)
-            events.emit(event, step=i + 1, total=len(timesteps))
+            events.emit(event, step=i + 1, total=len(timesteps), backend=backends[backend_key])
         return latents
 
     def _unet_extras(self, embeddings: PromptEmbeddings, width: int, height: int) -> dict[str, torch.Tensor]:

@@ -33,14 +33,21 @@ def onnxruntime_available() -> tuple[bool, str]:
     return True, ""
 
 
+AVAILABILITY = {"tensorrt": tensorrt_available, "onnxruntime": onnxruntime_available}
+
+
+def available_backend_versions() -> dict[str, str]:
+    """{backend: version} for every backend that can run on this machine."""
+    return {name: get_backend(name).version() for name in BACKENDS if AVAILABILITY[name]()[0]}
+
+
 def resolve_backend(name: str) -> str:
     """"auto" -> tensorrt when it can run here, else onnxruntime; a named backend is checked."""
     if name == "auto":
         return "tensorrt" if tensorrt_available()[0] else "onnxruntime"
-    checks = {"tensorrt": tensorrt_available, "onnxruntime": onnxruntime_available}
-    if name not in checks:
+    if name not in AVAILABILITY:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    ok, why = checks[name]()
+    ok, why = AVAILABILITY[name]()
     if not ok:
         raise BackendUnavailable(f"backend {name!r} cannot run here: {why}")
     return name

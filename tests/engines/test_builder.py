@@ -1,0 +1,70 @@
+"""Build planning, skipping valid engines, atomic output, backend choice and errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from dts_util.engines.backends import resolve_backend, tensorrt_available
+from dts_util.engines.builder import build, parse_resolution, plan, unet_batches
+from dts_util.errors import BackendUnavailable, EngineBuildError, InvalidRequest
+
+
+def test_plan_builds_unet_at_cfg_batch_and_vae_at_image_batch(cpu_model, tmp_path) -> None:
+    jobs = plan(cpu_model, tmp_path, [(512, 256)], [2])
+    assert [(j.spec.name, j.key.resolution, j.shape.batch) for j in jobs] == \
+        [("unet", "512x256", 4), ("vae_decoder", "512x256", 2)]
+    assert jobs[0].shape.latent_width == 64 and jobs[0].shape.latent_height == 32
+    assert all(j.backend.name == "onnxruntime" and j.precision == "fp32" for j in jobs)
+
+
+def test_unet_batches() -> None:
+    assert unet_batches(2, "cfg") == [4] and unet_batches(2, "no-cfg") == [2] and unet_batches(1, "both") == [2, 1]
+
+
+def test_valid_engines_are_skipped(cpu_model, built_engines) -> None:
+    jobs = plan(cpu_model, built_engines, [(128, 128)], [1])
+    assert [j.skip_reason for j in jobs] == ["valid engine exists"] * 2
+    assert all(build(j, cpu_model, built_engines).status == "skipped" for j in jobs)
+
+
+def test_truncated_engine_is_rebuilt(cpu_model, engine_dir) -> None:
+    job = plan(cpu_model, engine_dir, [(128, 128)], [1], components=("vae_decoder",))[0]
+    job.paths.engine.write_bytes(job.paths.engine.read_bytes()[:100])
+    job = plan(cpu_model, engine_dir, [(128, 128)], [1], components=("vae_decoder",))[0]
+    assert job.skip_reason == ""
+    result = build(job, cpu_model, engine_dir)
+    assert result.status == "built" and result.rel_l2 < 1e-3
+    assert not list(engine_dir.rglob(".partial*"))
+
+
+@pytest.mark.parametrize("text", ["512", "512x", "100x512", "4096x512", "axb"])
+def test_bad_resolutions(text: str) -> None:
+    with pytest.raises(InvalidRequest, match="resolution"):
+        parse_resolution(text)
+
+
+def test_auto_backend_and_unavailable_tensorrt() -> None:
+    if tensorrt_available()[0]:
+        assert resolve_backend("auto") == "tensorrt"
+        return
+    assert resolve_backend("auto") == "onnxruntime"
+    with pytest.raises(BackendUnavailable, match="backend 'tensorrt' cannot run here"):
+        resolve_backend("tensorrt")
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        resolve_backend("openvino")
+
+
+def test_onnxruntime_refuses_fp16(cpu_model, tmp_path) -> None:
+    with pytest.raises(EngineBuildError, match="onnxruntime engines are fp32"):
+        plan(cpu_model, tmp_path, [(128, 128)], [1], backend_name="onnxruntime", precision="fp16")
+
+
+def test_runner_checks_input_shapes(engine_dir, cpu_model) -> None:
+    import torch
+
+    from dts_util.engines.manager import EngineManager
+    from dts_util.pipeline.components import Shape
+
+    runner, _ = EngineManager(engine_dir).runner_for(cpu_model, "vae_decoder", Shape(16, 16, 1))
+    with pytest.raises(ValueError, match=r"has shape \(1, 4, 8, 8\), the engine was built for \(1, 4, 16, 16\)"):
+        runner(latent=torch.zeros(1, 4, 8, 8))

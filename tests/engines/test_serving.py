@@ -1,0 +1,102 @@
+"""Serving through a real gRPC channel: engines where they match, eager with a reason elsewhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dts_util.engines.builder import build, plan
+from dts_util.engines.manager import EngineManager
+from tests.conftest import ServerThread
+
+# Engine (ONNX Runtime, fp32) and eager PyTorch differ only by float rounding; after 20 steps and
+# 8-bit quantization that is at most a couple of levels on a few pixels.
+MAX_PIXEL_DIFF = 3
+MEAN_PIXEL_DIFF = 0.05
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+
+@pytest.fixture
+def engine_server(base_config, engine_dir):
+    config = replace(base_config, engine_dir=engine_dir)
+    with ServerThread(config, EngineManager(engine_dir)) as running:
+        yield running
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_request_at_built_resolution_runs_on_engines_and_matches_eager(engine_server, client, size) -> None:
+    request = dict(prompt="a harbour", seed=21, width=size, height=size)
+    with engine_server.client() as engine_client:
+        on_engine = engine_client.generate(**request)
+    eager = client.generate(**request)  # the session server runs without engines
+    info = json.loads(on_engine.info)
+    assert info["backends"]["unet"] == "onnxruntime" and info["backends"]["vae_decoder"] == "onnxruntime"
+    events = [json.loads(e) for e in on_engine.events]
+    assert {e.get("backend") for e in events if e["event"] in ("sampling", "imageDecoded")} == {"onnxruntime"}
+    assert json.loads(eager.info)["backends"]["unet"] == "eager"
+    diff = np.abs(_pixels(on_engine.images[0]) - _pixels(eager.images[0]))
+    assert diff.max() <= MAX_PIXEL_DIFF and diff.mean() <= MEAN_PIXEL_DIFF
+
+
+def test_other_resolution_falls_back_to_eager_with_reason(engine_server, caplog) -> None:
+    with engine_server.client() as c, caplog.at_level(logging.INFO, logger="dts_util.requests"):
+        reply = c.generate(prompt="x", seed=1, steps=2, width=192, height=128)
+    backends = json.loads(reply.info)["backends"]
+    assert backends["unet"] == "eager (no engine for 192x128 b2)"
+    events = [json.loads(e) for e in reply.events]
+    assert events[1]["event"] == "sampling" and events[1]["backend"] == "eager (no engine for 192x128 b2)"
+    assert backends["vae_decoder"] == "eager (no engine for 192x128 b1)"
+    line = next(r.message for r in caplog.records if r.message.startswith("GenerateImage OK"))
+    assert "size=192x128" in line and "unet=eager (no engine for 192x128 b2)" in line
+
+
+def test_without_cfg_the_unet_batch_is_one(engine_server) -> None:
+    with engine_server.client() as c:
+        backends = json.loads(c.generate(prompt="x", steps=2, width=128, height=128, cfg_scale=1).info)["backends"]
+    assert backends["unet"] == "eager (no engine for 128x128 b1)" and backends["vae_decoder"] == "onnxruntime"
+
+
+def test_eager_unet_is_not_resident_while_an_engine_serves(engine_server) -> None:
+    with engine_server.client() as c:
+        c.generate(prompt="x", steps=2, width=192, height=192)  # eager: loads the UNet
+        assert engine_server.service.model("").is_loaded("unet")
+        c.generate(prompt="x", steps=2, width=128, height=128)  # engine: drops it
+        assert not engine_server.service.model("").is_loaded("unet")
+
+
+def test_engines_built_while_serving_are_picked_up(engine_server, cpu_model, engine_dir) -> None:
+    with engine_server.client() as c:
+        before = json.loads(c.generate(prompt="x", steps=2, width=64, height=64).info)["backends"]
+        assert before["vae_decoder"].startswith("eager")
+        for job in plan(cpu_model, engine_dir, [(64, 64)], [1], components=("vae_decoder",)):
+            build(job, cpu_model, engine_dir)
+        after = json.loads(c.generate(prompt="x", steps=2, width=64, height=64).info)["backends"]
+    assert after["vae_decoder"] == "onnxruntime"
+
+
+def test_build_missing_builds_in_background(base_config, engine_dir) -> None:
+    manager = EngineManager(engine_dir, build_missing=True)
+    with ServerThread(replace(base_config, engine_dir=engine_dir), manager) as running, running.client() as c:
+        first = json.loads(c.generate(prompt="x", steps=2, width=96, height=64).info)["backends"]
+        assert first["unet"] == "eager (no engine for 96x64 b2; background build queued)"
+        manager.builds.wait()
+        second = json.loads(c.generate(prompt="x", steps=2, width=96, height=64).info)["backends"]
+    assert second == {"text_encoder": "eager", "unet": "onnxruntime", "vae_decoder": "onnxruntime"}
+
+
+def test_corrupt_engine_never_crashes_the_server(engine_server, engine_dir) -> None:
+    for engine in engine_dir.rglob("unet-fp32-256x256-b2.onnx"):
+        engine.write_bytes(b"not an onnx model")
+    with engine_server.client() as c:
+        reply = c.generate(prompt="x", steps=2, width=256, height=256)
+        assert "unreadable" in json.loads(reply.info)["backends"]["unet"]
+        assert c.echo().message == "HELLO"

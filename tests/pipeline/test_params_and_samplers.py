@@ -1,0 +1,46 @@
+"""Parameter defaults and checks, sampler names, infotext."""
+
+from __future__ import annotations
+
+import pytest
+
+from dts_util.errors import InvalidRequest
+from dts_util.pipeline.encode import infotext
+from dts_util.pipeline.params import GenerationRequest, hr_dimension, resolve
+from dts_util.pipeline.samplers import SAMPLERS, find_sampler, make_scheduler, sampler_names
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    steps_offset=1)
+
+
+def test_zero_means_default() -> None:
+    r = resolve(GenerationRequest(seed=5), "m", 512)
+    assert (r.width, r.height, r.steps, r.cfg_scale, r.batch_size, r.batch_count) == (512, 512, 20, 7.0, 1, 1)
+    assert r.denoising_strength == 0.7 and r.hr_scale == 2.0 and r.sampler.name == "DPM++ 2M Karras"
+    assert r.seeds == [5]
+
+
+def test_output_size_with_high_res_fix() -> None:
+    r = resolve(GenerationRequest(width=512, height=384, enable_hr=True, hr_scale=1.5), "m", 512)
+    assert r.output_size == (768, 576)
+    assert hr_dimension(100, 1.3) == 128
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
+def test_every_sampler_builds_a_scheduler(sampler) -> None:
+    scheduler = make_scheduler(sampler, SD_SCHEDULER)
+    scheduler.set_timesteps(10)
+    assert type(scheduler).__name__ == sampler.scheduler and len(scheduler.timesteps) >= 10
+
+
+def test_unknown_sampler_lists_valid_names() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        find_sampler("k_lms_magic")
+    assert all(name in str(caught.value) for name in sampler_names())
+
+
+def test_infotext_is_a1111_format() -> None:
+    r = resolve(GenerationRequest(prompt="p", negative_prompt="n", seed=3, steps=9, cfg_scale=5.5,
+                                  sampler="euler a"), "tiny", 256)
+    assert infotext(r, 4) == ("p\nNegative prompt: n\nSteps: 9, Sampler: Euler a, CFG scale: 5.5, Seed: 4, "
+                              "Size: 256x256, Model: tiny, Version: dts-util 0.1.0")

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Eager PyTorch against every available engine backend, measured in one run on the same inputs.
+
+    python tools/bench_engines.py                       # built-in model, native size
+    python tools/bench_engines.py --arch sd15 --resolution 512x512 --e2e-steps 10
+
+For each backend it prints the per-UNet-step median, the VAE decode time, the end-to-end
+image time and the peak memory, each with its ratio to eager. Every backend runs in its
+own subprocess, so peak memory is that backend's alone (RSS on the CPU; CUDA peak
+allocation on a GPU, where engine memory outside torch's allocator is not counted).
+Engines are built first (or reused when valid) in --engine-dir.
+
+``--arch sd15`` benchmarks the Stable Diffusion 1.5 architecture (UNet 860M, VAE 83M,
+CLIP ViT-L/14 text encoder) with seeded random weights: speed does not depend on the
+weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, sample_size=512, scaling_factor=0.18215)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                 bos_token_id=49406, eos_token_id=49407)
+
+
+def ensure_sd15(store_root: Path) -> str:
+    """Write an SD1.5-architecture model with seeded random weights into the store (once)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dts_util.models.builtin import SCHEDULER_CONFIG, clip_vocabulary
+
+    name = "bench-sd15-arch"
+    if (store_root / name / "model_index.json").is_file():
+        return name
+    print(f"creating {name} (SD1.5 architecture, random weights) in {store_root}", file=sys.stderr)
+    vocab, merges = clip_vocabulary()
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77),
+        unet=UNet2DConditionModel(**SD15_UNET), scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=store_root))
+    pipe.save_pretrained(tmp)
+    tmp.rename(store_root / name)
+    return name
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space, so unlike
+    ru_maxrss it does not carry over the parent's peak across fork + exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Measure one backend; print one JSON line."""
+    import torch
+
+    from dts_util.engines.manager import EngineManager
+    from dts_util.engines.specs import get_spec
+    from dts_util.models.loader import load_model
+    from dts_util.models.store import ModelStore
+    from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder, Shape
+    from dts_util.pipeline.params import GenerationRequest, resolve
+    from dts_util.pipeline.txt2img import Txt2ImgPipeline
+
+    store = ModelStore(Path(args.model_dir))
+    model = load_model(args.model, store.model_path(args.model), args.device)
+    width, height = (int(v) for v in args.resolution.split("x"))
+    scale = model.info.vae_scale_factor
+    unet_shape = Shape(height // scale, width // scale, args.batch_size * 2)
+    vae_shape = Shape(height // scale, width // scale, args.batch_size)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    if args.backend in ("eager", "torch-compile"):
+        unet = EagerUNet(model.unet())
+        if args.backend == "torch-compile":
+            from dts_util.pipeline.compiled import compiled_module
+
+            unet = EagerUNet(compiled_module(model.unet()))
+        vae = EagerVaeDecoder(model.vae())
+    else:
+        manager = EngineManager(Path(args.engine_dir))
+        unet, why_unet = manager.runner_for(model, "unet", unet_shape)
+        vae, why_vae = manager.runner_for(model, "vae_decoder", vae_shape)
+        if unet is None or vae is None:
+            raise SystemExit(f"{args.backend}: {why_unet or why_vae}")
+        if unet.backend != args.backend:
+            raise SystemExit(f"asked for {args.backend} but the manager chose {unet.backend}")
+
+    unet_inputs = get_spec("unet").sample_inputs(model.info, unet_shape, seed=0, device=args.device,
+                                                 dtype=model.dtype)
+    latent = get_spec("vae_decoder").sample_inputs(model.info, vae_shape, seed=0, device=args.device,
+                                                   dtype=model.dtype)
+    with torch.inference_mode():
+        unet_ms = median_ms(lambda: (unet(**unet_inputs), sync()), args.repeats, warmup=2)
+        vae_ms = median_ms(lambda: (vae(**latent), sync()), max(1, args.repeats // 2))
+
+        class Fixed:
+            def unet(self, shape):
+                return unet
+
+            def vae_decoder(self, shape):
+                return vae
+
+        request = resolve(GenerationRequest(prompt="a lighthouse", seed=1, width=width, height=height,
+                                            steps=args.e2e_steps, batch_size=args.batch_size), model.name,
+                          model.info.native_size)
+        pipeline = Txt2ImgPipeline(model, Fixed())
+        pipeline(replace(request, steps=1))  # warm: text encoder load, first-call allocations
+        start = time.perf_counter()
+        pipeline(request)
+        sync()
+        e2e_s = time.perf_counter() - start
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else peak_rss_mb()
+    print(json.dumps({"backend": args.backend, "unet_ms": unet_ms, "vae_ms": vae_ms, "e2e_s": e2e_s,
+                      "peak_mb": peak_mb}))
+
+
+def build_engines(args: argparse.Namespace, backend: str) -> None:
+    from dts_util.engines.builder import build, plan
+    from dts_util.models.loader import load_model
+    from dts_util.models.store import ModelStore
+
+    store = ModelStore(Path(args.model_dir))
+    model = load_model(args.model, store.model_path(args.model), "cpu")
+    width, height = (int(v) for v in args.resolution.split("x"))
+    for job in plan(model, Path(args.engine_dir), [(width, height)], [args.batch_size], backend):
+        start = time.perf_counter()
+        result = build(job, model, Path(args.engine_dir))
+        print(f"{backend} {job.label}: {result.status} in {time.perf_counter() - start:.1f}s"
+              + (f", rel L2 {result.rel_l2:.1e}" if result.rel_l2 is not None else ""), file=sys.stderr)
+
+
+def run_worker(args: argparse.Namespace, backend: str) -> dict:
+    command = [sys.executable, __file__, "--worker", backend] + [
+        f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
+        if key not in ("worker", "backends", "arch", "torch_compile") and value is not None]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"backend": backend, "error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def available_backends(device: str) -> list[str]:
+    from dts_util.engines.backends import onnxruntime_available, tensorrt_available
+
+    found = []
+    if tensorrt_available()[0] and device.startswith("cuda"):
+        found.append("tensorrt")
+    if onnxruntime_available()[0]:
+        from dts_util.engines.builder import default_build_device
+
+        # On a GPU, CPU-provider onnxruntime engines would be measured against GPU eager: skip them.
+        if default_build_device("onnxruntime") == ("cuda" if device.startswith("cuda") else "cpu"):
+            found.append("onnxruntime")
+    return found
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    eager = next(r for r in rows if r["backend"] == "eager")
+    unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
+    header = f"| backend | UNet step ms | x eager | VAE decode ms | x eager | image s ({args.e2e_steps} steps) " \
+             f"| x eager | {unit} | x eager |"
+    print(f"\n{args.model} {args.resolution}, batch {args.batch_size} (UNet batch {args.batch_size * 2} with CFG), "
+          f"device {args.device}, {os.cpu_count()} CPU cores")
+    print(header)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['backend']} | failed: {row['error']} |||||||| ")
+            continue
+        print(f"| {row['backend']} | {row['unet_ms']:.1f} | {eager['unet_ms'] / row['unet_ms']:.2f} "
+              f"| {row['vae_ms']:.1f} | {eager['vae_ms'] / row['vae_ms']:.2f} "
+              f"| {row['e2e_s']:.2f} | {eager['e2e_s'] / row['e2e_s']:.2f} "
+              f"| {row['peak_mb']:.0f} | {row['peak_mb'] / eager['peak_mb']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["builtin", "sd15"], default="builtin")
+    parser.add_argument("--model", help="model name in --model-dir (overrides --arch)")
+    parser.add_argument("--model-dir", default=str(REPO / "models"), help="model store [default: ./models]")
+    parser.add_argument("--engine-dir", default=str(REPO / "engines"))
+    parser.add_argument("--resolution", help="WxH [default: the model's native size]")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10, help="timed UNet steps per backend")
+    parser.add_argument("--e2e-steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", help="comma list [default: every available]")
+    parser.add_argument("--torch-compile", action="store_true", help="also time eager under torch.compile")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.backend = args.worker
+        worker(args)
+        return
+
+    from dts_util.models.builtin import ensure_builtin_model
+    from dts_util.models.loader import inspect_model
+    from dts_util.models.store import ModelStore
+
+    store = ModelStore(Path(args.model_dir))
+    if args.model is None:
+        args.model = ensure_sd15(store.root) if args.arch == "sd15" else ensure_builtin_model(store).name
+    if args.resolution is None:
+        size = inspect_model(args.model, store.model_path(args.model)).native_size
+        args.resolution = f"{size}x{size}"
+    backends = args.backends.split(",") if args.backends else available_backends(args.device)
+    for backend in backends:
+        build_engines(args, backend)
+    rows = [run_worker(args, "eager")]
+    if args.torch_compile:
+        rows.append(run_worker(args, "torch-compile"))
+    rows += [run_worker(args, backend) for backend in backends]
+    print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()
