@@ -395,9 +395,10 @@ def engines_list(engine_dir: EngineDirOpt = None, model_path: ModelDirOpt = None
         table.add_column(column)
     for record, status in rows:
         m = record.manifest
+        size_mb = m.get("total_bytes", m.get("engine_bytes", 0)) / 1e6
         table.add_row(m["model"], m["component"], m.get("resolution", "?"), str(m["shape"]["batch"]),
-                      f"{m['backend']} {m['backend_version']}", m["precision"],
-                      f"{m.get('engine_bytes', 0) / 1e6:.1f}", f"{m.get('validation', {}).get('rel_l2', 0):.1e}",
+                      f"{m['backend']} {m['backend_version']}", m["precision"], f"{size_mb:.1f}",
+                      f"{m.get('validation', {}).get('rel_l2', 0):.1e}",
                       "[green]usable[/]" if status is None else f"[yellow]stale[/]: {status}")
     _print_table(table)
 

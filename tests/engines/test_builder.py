@@ -68,3 +68,31 @@ def test_runner_checks_input_shapes(engine_dir, cpu_model) -> None:
     runner, _ = EngineManager(engine_dir).runner_for(cpu_model, "vae_decoder", Shape(16, 16, 1))
     with pytest.raises(ValueError, match=r"has shape \(1, 4, 8, 8\), the engine was built for \(1, 4, 16, 16\)"):
         runner(latent=torch.zeros(1, 4, 8, 8))
+
+
+def test_onnxruntime_unet_engine_has_fused_attention(built_engines) -> None:
+    import json
+
+    import onnx
+
+    fused = {p.parent.name: json.loads(p.read_text())["fused"] for p in built_engines.rglob("fusion.json")}
+    assert fused["unet-fp32"] == 8 and fused["vae_decoder-fp32"] == 0  # the VAE has no LayerNorm attention
+    engine = next(built_engines.rglob("unet-fp32-128x128-b2.onnx"))
+    ops = {node.op_type for node in onnx.load(str(engine), load_external_data=False).graph.node}
+    assert "MultiHeadAttention" in ops or "Attention" in ops
+
+
+def test_failed_fusion_falls_back_to_the_unfused_graph(cpu_model, tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    from dts_util.engines.backends import onnxruntime as ort_backend
+
+    def broken(path):
+        raise TypeError("optimizer broke")
+
+    monkeypatch.setattr(ort_backend, "_optimize", broken)
+    job = plan(cpu_model, tmp_path, [(64, 64)], [1], components=("unet",))[0]
+    with caplog.at_level(logging.WARNING):
+        result = build(job, cpu_model, tmp_path)
+    assert result.status == "built" and result.rel_l2 < 1e-3
+    assert any("attention fusion of" in r.message and "unfused graph" in r.message for r in caplog.records)

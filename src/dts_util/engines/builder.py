@@ -163,7 +163,7 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
         if rel_l2 > tolerance:
             raise EngineBuildError(f"{job.label}: engine output differs from PyTorch by relative L2 "
                                    f"{rel_l2:.2e} > {tolerance:.0e}; not installed")
-        manifest = _manifest(job, model, written[0], input_shapes, build_seconds, rel_l2, export_record.rel_l2)
+        manifest = _manifest(job, model, written, input_shapes, build_seconds, rel_l2, export_record.rel_l2)
         for path in reversed(written):  # data files before the engine that names them
             path.replace(folder / path.name)
         _write_json_atomic(job.paths.manifest, manifest)
@@ -171,7 +171,7 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("built %s engine %s in %.1fs (rel L2 %.2e)", job.backend.name, job.label,
              time.perf_counter() - start, rel_l2)
-    return BuildResult(job, "built", time.perf_counter() - start, manifest["engine_bytes"], rel_l2,
+    return BuildResult(job, "built", time.perf_counter() - start, manifest["total_bytes"], rel_l2,
                        export_seconds=export_record.seconds, manifest=manifest)
 
 
@@ -187,7 +187,7 @@ def validate_engine(job: BuildJob, model: LoadedModel, engine_path: Path, seed: 
     return relative_l2(actual.float().cpu(), expected)
 
 
-def _manifest(job: BuildJob, model: LoadedModel, engine_file: Path, input_shapes: dict, build_seconds: float,
+def _manifest(job: BuildJob, model: LoadedModel, files: list[Path], input_shapes: dict, build_seconds: float,
               rel_l2: float, export_rel_l2: float) -> dict:
     info = device_info(job.device)
     return {
@@ -206,7 +206,8 @@ def _manifest(job: BuildJob, model: LoadedModel, engine_file: Path, input_shapes
         "input_shapes": {name: list(dims) for name, dims in input_shapes.items()},
         "output_name": job.spec.output_names()[0],
         "engine_file": job.paths.engine.name,
-        "engine_bytes": engine_file.stat().st_size,
+        "engine_bytes": files[0].stat().st_size,  # checked against the file to catch truncation
+        "total_bytes": sum(f.stat().st_size for f in files),  # with external weights
         "build_seconds": round(build_seconds, 2),
         "validation": {"rel_l2": rel_l2, "tolerance": ENGINE_TOLERANCE[job.precision],
                        "export_rel_l2": export_rel_l2},

@@ -42,8 +42,11 @@ def remove_engine(record: EngineRecord) -> None:
 def remove_exports(engine_dir: Path, model: str | None) -> int:
     """Remove ONNX exports (of one model, or all); returns how many folders went."""
     removed = 0
-    for folder in engine_dir.glob("*/onnx/*"):
-        if model is None or folder.parent.parent.name.rsplit("-", 1)[0] == model:
+    for model_root in engine_dir.iterdir() if engine_dir.is_dir() else ():
+        if model is not None and model_root.name.rsplit("-", 1)[0] != model:
+            continue
+        # ONNX exports, and the onnxruntime backend's fused copies of them
+        for folder in [*model_root.glob("onnx/*"), *model_root.glob("*/*/fused/*")]:
             shutil.rmtree(folder)
             removed += 1
     return removed

@@ -1,8 +1,9 @@
 """Opt-in ``torch.compile`` for the eager path (``serve --torch-compile``).
 
-On a CUDA GPU this uses mode "reduce-overhead", which captures CUDA graphs and removes the kernel-launch overhead that bounds an
-eager SD UNet step; it is the fast path on GPU hosts without TensorRT. On the CPU
-it compiles with Inductor's default mode.
+On a CUDA GPU this uses mode "reduce-overhead", which captures CUDA graphs and
+removes the kernel-launch overhead that bounds an eager SD UNet step; it is the
+fast path on GPU hosts without TensorRT. On the CPU it compiles with Inductor's
+default mode.
 """
 
 from __future__ import annotations
