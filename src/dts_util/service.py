@@ -106,9 +106,12 @@ class ImageService:
             return self._models[name]
 
     def warm_up(self) -> None:
-        """Load the default model's text encoders so the first request does not pay for it."""
+        """Load the default model's text encoders and hash its weights (engines are keyed by that
+        hash; SD1.5's 4 GB take seconds) so the first request pays for neither."""
         model = self.model("")
         model.prompt_encoders()
+        if self.engines is not None:
+            model.fingerprint  # noqa: B018 - computed and cached for engine selection
         log.info("default model %r ready on %s", model.name, self.device)
 
     def prepare(self, request: GenerationRequest) -> tuple[LoadedModel, ResolvedRequest]:

@@ -27,7 +27,6 @@ from dts_util.models.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 OPSET = 17  # the TorchScript exporter's UNet/VAE export is verified at 17
-PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx file cannot hold more; larger weights go to external data
 EXPORT_TOLERANCE = 1e-3  # relative L2 between ONNX Runtime and PyTorch, both fp32
 MODEL_FILE, DATA_FILE, RECORD_FILE = "model.onnx", "model.onnx.data", "export.json"
 
@@ -113,21 +112,16 @@ def _export_to(model: LoadedModel, spec: ComponentSpec, folder: Path) -> Path:
             input_names=list(inputs), output_names=spec.output_names(), dynamic_axes=spec.dynamic_axes(info),
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
-    # The exporter scatters >2 GB weights over one file per tensor; gather them into one.
-    proto = onnx.load(str(raw / MODEL_FILE), load_external_data=True)
-    external = proto.ByteSize() > PROTOBUF_LIMIT if _fits_bytesize(proto) else True
-    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=external,
-                    all_tensors_to_one_file=True, location=DATA_FILE)
+    # Past protobuf's 2 GB limit the exporter scatters the weights over one file per tensor;
+    # gather them into one data file. Below it, the single .onnx file is kept as it is.
+    if len(list(raw.iterdir())) == 1:
+        (raw / MODEL_FILE).rename(folder / MODEL_FILE)
+    else:
+        proto = onnx.load(str(raw / MODEL_FILE), load_external_data=True)
+        onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE)
     shutil.rmtree(raw)
     return folder / MODEL_FILE
-
-
-def _fits_bytesize(proto) -> bool:
-    try:
-        proto.ByteSize()
-        return True
-    except Exception:  # protobuf refuses to size messages over 2 GB on some versions
-        return False
 
 
 def validate_onnx(model: LoadedModel, spec: ComponentSpec, path: Path, seed: int = 1) -> float:

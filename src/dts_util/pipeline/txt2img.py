@@ -58,7 +58,6 @@ class PromptEmbeddings:
 
     hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None = None  # SDXL pooled embeddings
-    time_ids: torch.Tensor | None = None  # SDXL size conditioning
 
 
 def never_stop() -> bool:
