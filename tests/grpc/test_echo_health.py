@@ -31,3 +31,26 @@ def test_reflection_lists_the_service(server) -> None:
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = [s.name for s in next(iter(replies)).list_services_response.service]
     assert "drawthings.ImageGenerationService" in names and "grpc.health.v1.Health" in names
+
+
+def test_health_is_not_serving_until_the_default_model_is_warm(base_config) -> None:
+    import asyncio
+
+    from dts_util.grpc.server import start_server
+    from dts_util.service import ImageService
+
+    async def status_before_and_after() -> tuple[int, int]:
+        running = await start_server(base_config, ImageService(base_config))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                before = (await stub.Check(health_pb2.HealthCheckRequest(service=""))).status
+                await running.set_serving(True)
+                after = (await stub.Check(health_pb2.HealthCheckRequest(service=""))).status
+        finally:
+            await running.stop(0)
+        return before, after
+
+    before, after = asyncio.run(status_before_and_after())
+    assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after == health_pb2.HealthCheckResponse.SERVING
