@@ -273,6 +273,7 @@ class ComponentChoice(str, Enum):
 
 def _open_model(model: str, model_path: Optional[Path], engine_dir: Path):
     """The fp32 CPU model exports come from (the built-in one is created if it is the one asked for)."""
+    from dts_util.engines.paths import fingerprint_cache
     from dts_util.models.builtin import ensure_builtin_model
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
@@ -280,10 +281,7 @@ def _open_model(model: str, model_path: Optional[Path], engine_dir: Path):
     store = ModelStore(model_path or default_model_dir())
     if model == BUILTIN_MODEL_NAME:
         ensure_builtin_model(store)
-    folder = store.model_path(model)
-    if folder is None:
-        raise _fail(f"model {model!r} is not in {store.root}; available: {', '.join(store.model_names()) or 'none'}")
-    return load_model(model, folder, "cpu", fingerprint_cache=engine_dir / "fingerprints.json")
+    return load_model(model, store.require_model(model), "cpu", fingerprint_cache=fingerprint_cache(engine_dir))
 
 
 @app.command("build-engines")

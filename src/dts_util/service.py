@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from dts_util.config import ServerConfig, resolve_device
-from dts_util.errors import ModelNotFound
+from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
 from dts_util.models.loader import LoadedModel, load_model
 from dts_util.models.store import ModelStore
@@ -97,12 +97,8 @@ class ImageService:
         name = name or self.config.default_model
         with self._lock:
             if name not in self._models:
-                path = self.store.model_path(name)
-                if path is None:
-                    available = ", ".join(self.model_names()) or "none"
-                    raise ModelNotFound(f"model {name!r} is not in the model store; available models: {available}")
-                cache = self.config.engine_dir / "fingerprints.json"
-                self._models[name] = load_model(name, path, self.device, fingerprint_cache=cache)
+                self._models[name] = load_model(name, self.store.require_model(name), self.device,
+                                                fingerprint_cache=fingerprint_cache(self.config.engine_dir))
             return self._models[name]
 
     def warm_up(self) -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from dts_util.engines.backends import available_backend_versions
 from dts_util.engines.device import device_fingerprint, device_info
+from dts_util.engines.paths import fingerprint_cache
 from dts_util.engines.registry import EngineRecord, EngineRegistry
+from dts_util.errors import DtsError
 from dts_util.models.loader import model_fingerprint
 from dts_util.models.store import ModelStore
 
@@ -19,17 +21,25 @@ def engine_status(engine_dir: Path, model_dir: Path) -> list[tuple[EngineRecord,
     rows = []
     for record in EngineRegistry(engine_dir).records():
         if record.model not in fingerprints:
-            folder = store.model_path(record.model) if record.model in store.model_names() else None
-            fingerprints[record.model] = model_fingerprint(folder, engine_dir / "fingerprints.json") \
-                if folder else None
+            try:
+                fingerprints[record.model] = model_fingerprint(store.require_model(record.model),
+                                                               fingerprint_cache(engine_dir))
+            except DtsError:  # not in the store (or a manifest naming an unsafe path)
+                fingerprints[record.model] = None
         fingerprint = fingerprints[record.model]
         if fingerprint is None:
             rows.append((record, f"model {record.model!r} is not in {store.root}"))
             continue
-        kind = record.manifest.get("device", {}).get("kind", "cpu")
-        here = device_fingerprint(device_info("cuda" if kind == "cuda" and "tensorrt" in versions else "cpu"))
-        rows.append((record, EngineRegistry.unusable_reason(record, fingerprint, here, versions)))
+        rows.append((record, EngineRegistry.unusable_reason(record, fingerprint, _device_here(record), versions)))
     return rows
+
+
+def _device_here(record: EngineRecord) -> str:
+    """This machine's fingerprint for the kind of device the engine was built for."""
+    import torch
+
+    on_gpu = record.manifest.get("device", {}).get("kind") == "cuda" and torch.cuda.is_available()
+    return device_fingerprint(device_info("cuda" if on_gpu else "cpu"))
 
 
 def remove_engine(record: EngineRecord) -> None:

@@ -87,7 +87,10 @@ class EngineManager:
         if path in self._runners:
             self._runners.move_to_end(path)
             return self._runners[path]
-        stamp = path.stat().st_mtime_ns
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:  # removed since the registry looked (engines rm, a rebuild)
+            return None
         if self._broken.get(path, (None,))[0] == stamp:
             return None
         try:

@@ -54,6 +54,11 @@ class EnginePaths:
     manifest: Path
 
 
+def fingerprint_cache(engine_dir: Path) -> Path:
+    """Cached SHA-256 of model weights, keyed by file size and mtime (see models.loader.model_fingerprint)."""
+    return engine_dir / "fingerprints.json"
+
+
 def model_root(engine_dir: Path, model: str, fingerprint: str) -> Path:
     return engine_dir / f"{_safe(model)}-{fingerprint[:12]}"
 

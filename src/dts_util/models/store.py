@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from dts_util.errors import InvalidPath, InvalidRequest, UploadCorrupt, UploadTooLarge
+from dts_util.errors import InvalidPath, InvalidRequest, ModelNotFound, UploadCorrupt, UploadTooLarge
 
 # Temporary upload files start with this, so listings can skip them.
 PARTIAL_PREFIX = ".partial-"
@@ -71,6 +71,14 @@ class ModelStore:
         """The folder of model ``name`` if it is a loadable diffusers folder, else None."""
         path = self.resolve(name)
         return path if (path / MODEL_INDEX).is_file() else None
+
+    def require_model(self, name: str) -> Path:
+        """The folder of model ``name``, or ModelNotFound naming the models that are there."""
+        path = self.model_path(name)
+        if path is None:
+            available = ", ".join(self.model_names()) or "none"
+            raise ModelNotFound(f"model {name!r} is not in the model store; available models: {available}")
+        return path
 
     def open_upload(self, name: str, max_bytes: int) -> "Upload":
         """Start an upload of ``name``; bytes go to a temporary file next to the target."""
