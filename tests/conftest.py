@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -75,8 +76,8 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.running.port}"
 
-    def client(self, timeout: float | None = 120) -> Client:
-        return Client(self.target, timeout)
+    def client(self, timeout: float | None = 120, security=None) -> Client:
+        return Client(self.target, timeout, security)
 
     def __exit__(self, *exc: object) -> None:
         asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(30)
@@ -107,3 +108,27 @@ def write_file(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def fresh_store(model_store: ModelStore, folder: Path) -> Path:
+    """A new model store holding a copy of the built-in model, for servers whose store tests change."""
+    root = folder / "models"
+    shutil.copytree(model_store.root / "builtin-tiny-sd", root / "builtin-tiny-sd")
+    return root
+
+
+@pytest.fixture
+def make_server(base_config: ServerConfig, model_store: ModelStore, tmp_path: Path):
+    """Start servers with their own settings (and, with ``own_store``, their own model store)."""
+    started: list[ServerThread] = []
+
+    def make(own_store: bool = False, **overrides) -> ServerThread:
+        if own_store:
+            overrides.setdefault("model_dir", fresh_store(model_store, tmp_path / f"s{len(started)}"))
+        server = ServerThread(replace(base_config, **overrides)).__enter__()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.__exit__(None, None, None)

@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from dts_util import __version__
+from dts_util import __version__, limits
 from dts_util.config import BUILTIN_MODEL_NAME, DEFAULT_PORT, default_engine_dir, default_model_dir
 
 app = typer.Typer(help="dts-util: a Draw Things gRPC image-generation server with compiled engines.",
@@ -33,13 +33,27 @@ out = Console(soft_wrap=True)
 
 SERVE, BUILD, CLIENT = "Serve", "Build", "Client"
 HostOpt = Annotated[str, typer.Option(help="Server host to connect to.", rich_help_panel=CLIENT)]
+
 PortOpt = Annotated[int, typer.Option(help="Server port.", rich_help_panel=CLIENT)]
 TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the server's answer.", rich_help_panel=CLIENT)]
+TokenOpt = Annotated[Optional[str], typer.Option(
+    help="Bearer token for a server that needs one. Prefer $DTS_AUTH_TOKEN or --token-file: argv is visible "
+         "to other users.", envvar="DTS_AUTH_TOKEN", show_envvar=True, show_default="none",
+    rich_help_panel=CLIENT)]
+TokenFileOpt = Annotated[Optional[Path], typer.Option(help="File holding the bearer token.", show_default="none",
+                                                      rich_help_panel=CLIENT)]
+TlsOpt = Annotated[bool, typer.Option(help="Connect with TLS (implied by --ca and --client-cert).",
+                                      rich_help_panel=CLIENT)]
+CaOpt = Annotated[Optional[Path], typer.Option(help="CA certificate (PEM) that signed the server's certificate.",
+                                               show_default="the system's trusted CAs", rich_help_panel=CLIENT)]
+ClientCertOpt = Annotated[Optional[Path], typer.Option(help="Client certificate (PEM) for mutual TLS.",
+                                                       show_default="none", rich_help_panel=CLIENT)]
+ClientKeyOpt = Annotated[Optional[Path], typer.Option(help="Key (PEM) of --client-cert.", show_default="none",
+                                                      rich_help_panel=CLIENT)]
 ModelDirOpt = Annotated[Optional[Path], typer.Option(
-    "--model-path", help="Model store folder [default: $DTS_MODEL_DIR or the user data dir].", show_default=False)]
+    "--model-path", help="Model store folder.", show_default="$DTS_MODEL_DIR or the user data dir")]
 EngineDirOpt = Annotated[Optional[Path], typer.Option(
-    help="Engine cache folder [default: $DTS_ENGINE_DIR, engines/ of a checkout, or the user cache dir].",
-    show_default=False)]
+    help="Engine cache folder.", show_default="$DTS_ENGINE_DIR, engines/ of a checkout, or the user cache dir")]
 
 
 class LogLevel(str, Enum):
@@ -76,11 +90,30 @@ def _fail(message: str) -> typer.Exit:
 def _rpc_error(exc: Exception, target: str) -> typer.Exit:
     import grpc
 
-    if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return _fail(f"nothing is listening at {target} (start it with `dts-util serve`)")
+    from dts_util.client import explain_rpc_error
+
     if isinstance(exc, grpc.RpcError):
-        return _fail(f"{exc.code().name}: {exc.details()}")
+        return _fail(explain_rpc_error(exc, target))
     return _fail(str(exc))
+
+
+def _client(host: str, port: int, timeout: float, token: Optional[str], token_file: Optional[Path], tls: bool,
+            ca: Optional[Path], client_cert: Optional[Path], client_key: Optional[Path]):
+    """A connected client for the client commands; bad token or TLS files are one-line errors."""
+    from dts_util.client import Client, Security
+    from dts_util.errors import StartupError
+    from dts_util.security.tokens import read_token_file
+
+    if (client_cert is None) != (client_key is None):
+        raise _fail("mutual TLS needs both --client-cert and --client-key")
+    try:
+        if token_file is not None:
+            token = read_token_file(token_file)
+        security = Security(token=(token or "").strip(), tls=tls, ca=ca, client_cert=client_cert,
+                            client_key=client_key)
+        return Client(f"{host}:{port}", timeout, security)
+    except (StartupError, OSError) as exc:
+        raise _fail(str(exc))
 
 
 @app.callback(invoke_without_command=True)
@@ -90,9 +123,14 @@ def main(version: Annotated[bool, typer.Option("--version", help="Print the vers
         raise typer.Exit()
 
 
+SECURITY, LIMITS = "Security", "Limits"
+
+
 @app.command()
 def serve(
-    address: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=SERVE)] = "0.0.0.0",
+    address: Annotated[Optional[str], typer.Option(
+        help="Address to listen on. Without a token only loopback is allowed, unless --no-auth.",
+        show_default="0.0.0.0 with a token, 127.0.0.1 without", rich_help_panel=SERVE)] = None,
     port: Annotated[int, typer.Option(help="Port to listen on.", rich_help_panel=SERVE)] = DEFAULT_PORT,
     model_path: ModelDirOpt = None,
     engine_dir: EngineDirOpt = None,
@@ -101,9 +139,33 @@ def serve(
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda, cuda:1 ...",
                                         rich_help_panel=SERVE)] = "auto",
     max_queue: Annotated[int, typer.Option(help="Generations allowed to wait behind the running one.",
-                                           rich_help_panel=SERVE)] = 8,
-    max_upload_bytes: Annotated[int, typer.Option(help="Largest file UploadFile accepts.",
-                                                  rich_help_panel=SERVE)] = 16 * 1024**3,
+                                           rich_help_panel=LIMITS)] = 8,
+    max_upload_bytes: Annotated[int, typer.Option(help="Largest file UploadFile accepts, in bytes.",
+                                                  rich_help_panel=LIMITS)] = limits.DEFAULT_MAX_UPLOAD_BYTES,
+    max_store_bytes: Annotated[int, typer.Option(help="Total size uploads may fill the model store to, in bytes "
+                                                      "(0 = no quota).", rich_help_panel=LIMITS)] = 0,
+    min_free_disk: Annotated[int, typer.Option(help="Free disk space, in bytes, that uploads must leave.",
+                                               rich_help_panel=LIMITS)] = limits.DEFAULT_MIN_FREE_DISK_BYTES,
+    max_concurrent_uploads: Annotated[int, typer.Option(help="Uploads allowed at once.", rich_help_panel=LIMITS)]
+    = limits.DEFAULT_MAX_CONCURRENT_UPLOADS,
+    upload_idle_timeout: Annotated[float, typer.Option(help="Seconds an upload may send nothing before it is "
+                                                            "aborted.", rich_help_panel=LIMITS)]
+    = limits.DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+    max_loaded_models: Annotated[int, typer.Option(help="Models kept in memory at once (least recently used go "
+                                                        "first).", rich_help_panel=LIMITS)]
+    = limits.DEFAULT_MAX_LOADED_MODELS,
+    auth_token_file: Annotated[Optional[Path], typer.Option(
+        help="File (mode 0600) holding the bearer token clients must send; else $DTS_AUTH_TOKEN.",
+        show_default="none", rich_help_panel=SECURITY)] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Listen beyond loopback without a token (a trusted "
+                                                            "network only).", rich_help_panel=SECURITY)] = False,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Server certificate (PEM); see `dts-util tls init`.",
+                                                     show_default="none: plaintext", rich_help_panel=SECURITY)] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="Key (PEM) of --tls-cert.", show_default="none",
+                                                    rich_help_panel=SECURITY)] = None,
+    tls_client_ca: Annotated[Optional[Path], typer.Option(
+        help="CA (PEM) whose client certificates are required (mutual TLS).", show_default="none",
+        rich_help_panel=SECURITY)] = None,
     engines: Annotated[bool, typer.Option(help="Use built engines where they match a request.",
                                           rich_help_panel=BUILD)] = True,
     build_missing: Annotated[bool, typer.Option(help="Build engines in the background for requested shapes "
@@ -116,40 +178,53 @@ def serve(
     _setup_logging(log_level, rich=False)
     import asyncio
 
-    from dts_util.config import ServerConfig
-    from dts_util.errors import DtsError
-    from dts_util.grpc.server import serve as run_server
-    from dts_util.service import ImageService
+    from dts_util.config import ADDRESS_WITH_AUTH, LOOPBACK_ADDRESS, ServerConfig
+    from dts_util.errors import DtsError, StartupError
+    from dts_util.models.store import prepare_store_folder
+    from dts_util.security.tokens import server_token
 
     try:
+        token = server_token(auth_token_file)
+        store = prepare_store_folder(model_path or default_model_dir(), create_parents=model_path is None)
         config = ServerConfig(
-            model_dir=model_path or default_model_dir(), engine_dir=engine_dir or default_engine_dir(),
-            default_model=default_model, address=address, port=port, max_queue=max_queue,
-            max_upload_bytes=max_upload_bytes, device=device, build_missing=build_missing,
-            torch_compile=torch_compile)
-    except ValueError as exc:
+            model_dir=store, engine_dir=engine_dir or default_engine_dir(), default_model=default_model,
+            address=address or (ADDRESS_WITH_AUTH if token or no_auth else LOOPBACK_ADDRESS), port=port,
+            max_queue=max_queue, max_upload_bytes=max_upload_bytes, max_store_bytes=max_store_bytes,
+            min_free_disk_bytes=min_free_disk, max_concurrent_uploads=max_concurrent_uploads,
+            upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=device,
+            build_missing=build_missing, torch_compile=torch_compile, auth_token=token, allow_no_auth=no_auth,
+            tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
+        asyncio.run(_serve(config, engines))
+    except (StartupError, DtsError, ValueError) as exc:
         raise _fail(str(exc))
-    manager = None
-    if engines:
-        from dts_util.engines.manager import EngineManager
-
-        manager = EngineManager(config.engine_dir, build_missing=build_missing)
-    try:
-        asyncio.run(run_server(config, ImageService(config, manager)))
-    except (DtsError, OSError) as exc:
-        raise _fail(str(exc))
+    except OSError as exc:
+        raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except KeyboardInterrupt:
         pass
 
 
-@app.command()
-def test(host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT, timeout: TimeoutOpt = 5.0) -> None:
-    """Check a running server: calls Echo and exits 0 only when it answers HELLO."""
-    from dts_util.client import Client
+async def _serve(config, use_engines: bool) -> None:
+    from dts_util.grpc.server import serve as run_server
+    from dts_util.service import ImageService
 
+    manager = None
+    if use_engines:
+        from dts_util.engines.manager import EngineManager
+
+        manager = EngineManager(config.engine_dir, build_missing=config.build_missing)
+    await run_server(config, ImageService(config, manager))
+
+
+@app.command()
+def test(
+    host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT, timeout: TimeoutOpt = 5.0,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, tls: TlsOpt = False, ca: CaOpt = None,
+    client_cert: ClientCertOpt = None, client_key: ClientKeyOpt = None,
+) -> None:
+    """Check a running server: calls Echo and exits 0 only when it answers HELLO."""
     target = f"{host}:{port}"
     try:
-        with Client(target, timeout) as client:
+        with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client:
             reply = client.echo()
     except Exception as exc:  # grpc.RpcError and friends: report, don't trace
         raise _rpc_error(exc, target)
@@ -178,17 +253,17 @@ def generate(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("out"),
     host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT,
     timeout: TimeoutOpt = 600.0,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, tls: TlsOpt = False, ca: CaOpt = None,
+    client_cert: ClientCertOpt = None, client_key: ClientKeyOpt = None,
 ) -> None:
     """Generate images on a running server and write them as PNGs; prints the generation info."""
-    from dts_util.client import Client
-
     target = f"{host}:{port}"
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                   cfg_scale=cfg_scale, seed=seed, sampler=sampler, batch_size=batch_size,
                   batch_count=batch_count, enable_hr=enable_hr, hr_scale=hr_scale,
                   denoising_strength=denoising_strength, model=model)
     try:
-        with Client(target, timeout) as client, err.status("generating…"):
+        with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client, err.status("generating…"):
             reply = client.generate(**fields)
     except Exception as exc:
         raise _rpc_error(exc, target)
@@ -204,23 +279,24 @@ def generate(
 @app.command()
 def upload(
     path: Annotated[Path, typer.Argument(help="Local file to upload.", exists=True, dir_okay=False)],
-    name: Annotated[Optional[str], typer.Option("--as", help="Name in the model store [default: file name].",
-                                                show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option("--as", help="Name in the model store.",
+                                                show_default="the file's name")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a different file of the same name on the server.")] = False,
     host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT, timeout: TimeoutOpt = 3600.0,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, tls: TlsOpt = False, ca: CaOpt = None,
+    client_cert: ClientCertOpt = None, client_key: ClientKeyOpt = None,
 ) -> None:
     """Upload a file into the server's model store (checked by size and SHA-256)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from dts_util.client import Client
-
     target = f"{host}:{port}"
     try:
-        with Client(target, timeout) as client, Progress(
+        with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client, Progress(
             "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             console=err,
         ) as progress:
             task = progress.add_task(f"uploading {path.name}", total=path.stat().st_size)
-            reply = client.upload(path, name or path.name, lambda n: progress.advance(task, n))
+            reply = client.upload(path, name or path.name, lambda n: progress.advance(task, n), overwrite)
     except Exception as exc:
         raise _rpc_error(exc, target)
     out.print(reply.message)
@@ -230,13 +306,13 @@ def upload(
 def files_exist(
     names: Annotated[list[str], typer.Argument(help="Paths relative to the model store.")],
     host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT, timeout: TimeoutOpt = 10.0,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, tls: TlsOpt = False, ca: CaOpt = None,
+    client_cert: ClientCertOpt = None, client_key: ClientKeyOpt = None,
 ) -> None:
     """Ask the server whether files exist in its model store. Exits 1 if any is missing or invalid."""
-    from dts_util.client import Client
-
     target = f"{host}:{port}"
     try:
-        with Client(target, timeout) as client:
+        with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client:
             reply = client.files_exist(names)
     except Exception as exc:
         raise _rpc_error(exc, target)
@@ -278,18 +354,21 @@ def _open_model(model: str, model_path: Optional[Path], engine_dir: Path):
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
 
-    store = ModelStore(model_path or default_model_dir())
+    from dts_util.models.store import prepare_store_folder
+
+    store = ModelStore(prepare_store_folder(model_path or default_model_dir(), create_parents=model_path is None))
     if model == BUILTIN_MODEL_NAME:
         ensure_builtin_model(store)
-    return load_model(model, store.require_model(model), "cpu", fingerprint_cache=fingerprint_cache(engine_dir))
+    name, path = store.canonical_model(model)
+    return load_model(name, path, "cpu", fingerprint_cache=fingerprint_cache(engine_dir))
 
 
 @app.command("build-engines")
 def build_engines(
     model: Annotated[str, typer.Option(help="Model to build engines for.", rich_help_panel=BUILD)] = BUILTIN_MODEL_NAME,
     resolution: Annotated[Optional[list[str]], typer.Option(
-        help="WIDTHxHEIGHT; repeat for several [default: the model's native size].", rich_help_panel=BUILD,
-        show_default=False)] = None,
+        help="WIDTHxHEIGHT; repeat for several.", rich_help_panel=BUILD,
+        show_default="the model's native size")] = None,
     batch_size: Annotated[list[int], typer.Option(help="Images per pass; repeatable. The UNet is built at 2x "
                                                        "this with CFG.", rich_help_panel=BUILD)] = [1],
     backend: Annotated[BackendChoice, typer.Option(help="auto = tensorrt with a CUDA GPU, else onnxruntime.",
@@ -297,8 +376,8 @@ def build_engines(
     precision: Annotated[PrecisionChoice, typer.Option(help="auto = fp16 for tensorrt, fp32 for onnxruntime.",
                                                        rich_help_panel=BUILD)] = PrecisionChoice.auto,
     component: Annotated[Optional[list[ComponentChoice]], typer.Option(
-        help="Components to build; repeatable [default: unet and vae_decoder].", rich_help_panel=BUILD,
-        show_default=False)] = None,
+        help="Components to build; repeatable.", rich_help_panel=BUILD,
+        show_default="unet and vae_decoder")] = None,
     cfg: Annotated[CfgChoice, typer.Option(help="UNet batches for guided (cfg_scale > 1), unguided, or both.",
                                            rich_help_panel=BUILD)] = CfgChoice.cfg,
     dry_run: Annotated[bool, typer.Option(help="Print the plan; build nothing.", rich_help_panel=BUILD)] = False,
@@ -308,7 +387,7 @@ def build_engines(
     """Export a model's UNet and VAE decoder to ONNX and build one engine per resolution and batch."""
     _setup_logging(LogLevel.warning, rich=True)
     from dts_util.engines.builder import parse_resolution, plan
-    from dts_util.errors import DtsError
+    from dts_util.errors import DtsError, StartupError
 
     engines = engine_dir or default_engine_dir()
     try:
@@ -318,7 +397,7 @@ def build_engines(
         components = tuple(c.value for c in component) if component else ("unet", "vae_decoder")
         with err.status("fingerprinting model weights…"):
             jobs = plan(loaded, engines, sizes, batch_size, backend.value, precision.value, components, cfg.value)
-    except DtsError as exc:
+    except (DtsError, StartupError) as exc:
         raise _fail(str(exc))
     if dry_run:
         for job in jobs:
@@ -436,12 +515,52 @@ def engines_rm(
         out.print(f"removed {removed} ONNX export(s)")
 
 
+tls_app = typer.Typer(help="TLS certificates: a private CA, a server certificate, client certificates.",
+                      no_args_is_help=True)
+app.add_typer(tls_app, name="tls")
+
+
+def default_config_dir() -> Path:
+    """Where install keeps the token and TLS files: $DTS_CONFIG_DIR, else the user config dir."""
+    if env := os.environ.get("DTS_CONFIG_DIR"):
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("dts-util"))
+
+
+@tls_app.command("init")
+def tls_init(
+    out_dir: Annotated[Optional[Path], typer.Option("--dir", help="Folder for the PEM files.",
+                                                    show_default="<config dir>/tls")] = None,
+    host: Annotated[Optional[list[str]], typer.Option(help="Host name or IP address the server certificate is "
+                                                           "valid for; repeatable.",
+                                                      show_default="localhost, 127.0.0.1, ::1, this host's names")]
+    = None,
+    client: Annotated[bool, typer.Option(help="Also make a client certificate for mutual TLS.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace existing server (and client) certificates.")] = False,
+) -> None:
+    """Create a private CA and a server certificate (plus a client one with --client) using `cryptography`."""
+    from dts_util.security.tls import create_tls_files, default_hosts
+
+    folder = out_dir or default_config_dir() / "tls"
+    hosts = list(dict.fromkeys([*(host or []), *default_hosts()]))
+    try:
+        files = create_tls_files(folder, hosts, client=client, force=force)
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc))
+    out.print(f"wrote a CA and a server certificate for {', '.join(hosts)} to {folder}")
+    out.print(f"server:  dts-util serve --tls-cert {files.server_cert} --tls-key {files.server_key}"
+              + (f" --tls-client-ca {files.ca_cert}" if client else ""))
+    mutual = f" --client-cert {files.client_cert} --client-key {files.client_key}" if client else ""
+    out.print(f"clients: dts-util test --host <server> --ca {files.ca_cert}{mutual}  (copy ca.pem to each client)")
+
+
 SYSTEMD_UNIT = """[Unit]
 Description=dts-util Draw Things gRPC server
-After=network-online.target
 
 [Service]
-ExecStart={exe} serve --port {port} --model-path {model_dir} --engine-dir {engine_dir}
+ExecStart={exec_start}
 Restart=on-failure
 
 [Install]
@@ -455,34 +574,73 @@ def install(
     model_path: ModelDirOpt = None,
     engine_dir: EngineDirOpt = None,
     service: Annotated[bool, typer.Option(help="Install and start a systemd user service.")] = True,
+    tls: Annotated[bool, typer.Option(help="Also create TLS certificates (`tls init`) and serve with them.")]
+    = False,
 ) -> None:
-    """Prepare the model store (with the built-in model) and install a systemd user service for `serve`."""
+    """Prepare the model store (with the built-in model), create an auth token, and install a systemd user
+    service for `serve`."""
     _setup_logging(LogLevel.info, rich=True)
+    from dts_util.errors import StartupError
     from dts_util.models.builtin import ensure_builtin_model
-    from dts_util.models.store import ModelStore
+    from dts_util.models.store import ModelStore, prepare_store_folder
+    from dts_util.security.tokens import write_new_token
 
     model_dir, engines = (model_path or default_model_dir()).resolve(), (engine_dir or default_engine_dir()).resolve()
+    try:
+        store = ModelStore(prepare_store_folder(model_dir, create_parents=model_path is None))
+    except StartupError as exc:
+        raise _fail(str(exc))
     with err.status("creating the built-in model…"):
-        folder = ensure_builtin_model(ModelStore(model_dir))
+        folder = ensure_builtin_model(store)
     engines.mkdir(parents=True, exist_ok=True)
     out.print(f"model store: {model_dir} (built-in model at {folder.name}/)\nengine dir: {engines}")
-    if not service:
-        out.print(f"run the server with: dts-util serve --port {port} --model-path {model_dir}")
-        return
+    config_dir = default_config_dir()
+    token_file = config_dir / "auth-token"
+    new_token = not token_file.exists()
+    if new_token:
+        write_new_token(token_file)
+    out.print(f"auth token: {token_file} (mode 0600){'' if new_token else ', kept'}")
+    args = ["serve", "--port", str(port), "--model-path", str(model_dir), "--engine-dir", str(engines),
+            "--auth-token-file", str(token_file)]
+    tls_flags = ""
+    if tls:
+        from dts_util.security.tls import create_tls_files, default_hosts
+
+        tls_files = create_tls_files(config_dir / "tls", default_hosts(), force=True)
+        args += ["--tls-cert", str(tls_files.server_cert), "--tls-key", str(tls_files.server_key)]
+        tls_flags = f" --ca {tls_files.ca_cert}"
+        out.print(f"TLS: certificates in {tls_files.folder}; clients trust {tls_files.ca_cert}")
+    out.print(f"clients send the token: DTS_AUTH_TOKEN=$(cat {token_file}) dts-util test --port {port}{tls_flags}")
     exe = shutil.which("dts-util") or f"{sys.executable} -m dts_util"
+    if not service:
+        out.print(f"run the server with: {exe} {' '.join(args)}")
+        return
+    _install_unit(exe, args, port, token_file if new_token else None)
+
+
+def _install_unit(exe: str, args: list[str], port: int, created_token: Optional[Path]) -> None:
+    """Write and start the user unit; on failure remove what this command wrote, and say how to run by hand."""
     unit = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "systemd/user/dts-util.service"
-    unit.parent.mkdir(parents=True, exist_ok=True)
-    unit.write_text(SYSTEMD_UNIT.format(exe=exe, port=port, model_dir=model_dir, engine_dir=engines))
-    out.print(f"wrote {unit}")
+    manual = f"start the server by hand: {exe} {' '.join(args)} (or pass --no-service)"
     if shutil.which("systemctl") is None:
-        raise _fail("systemctl is not available here; start the server with "
-                    f"`dts-util serve --port {port}` (or pass --no-service)")
-    result = subprocess.run(["systemctl", "--user", "enable", "--now", "dts-util.service"],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise _fail(f"systemctl could not start the service: {result.stderr.strip()}; "
-                    f"start it by hand with `dts-util serve --port {port}`")
-    out.print(f"[green]started[/] dts-util.service; check it with `dts-util test --port {port}`")
+        raise _fail(f"systemctl is not available here; {manual}")
+    existed = unit.exists()
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text(SYSTEMD_UNIT.format(exec_start=" ".join([exe, *args])))
+    steps = (["daemon-reload"], ["enable", "--now", "dts-util.service"])
+    for step in steps:
+        result = subprocess.run(["systemctl", "--user", *step], capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["systemctl", "--user", "disable", "dts-util.service"], capture_output=True)
+            if not existed:
+                unit.unlink(missing_ok=True)
+            if created_token is not None:
+                created_token.unlink(missing_ok=True)
+            subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True)
+            reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+            raise _fail(f"systemctl --user {' '.join(step)} failed ({reason}); the unit was removed again; {manual}")
+    out.print(f"wrote {unit}\n[green]started[/] dts-util.service; check it with `dts-util test --port {port}` "
+              "and the token")
 
 
 if __name__ == "__main__":

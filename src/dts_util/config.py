@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dts_util.limits import (DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_MAX_LOADED_MODELS, DEFAULT_MAX_STORE_BYTES,
+                             DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MIN_FREE_DISK_BYTES, DEFAULT_UPLOAD_IDLE_TIMEOUT_S)
+
 DEFAULT_PORT = 7859
-DEFAULT_ADDRESS = "0.0.0.0"
+# Where the server listens: every interface when a token guards it, loopback otherwise.
+ADDRESS_WITH_AUTH = "0.0.0.0"
+LOOPBACK_ADDRESS = "127.0.0.1"
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost", "[::1]"}
 BUILTIN_MODEL_NAME = "builtin-tiny-sd"
-# A batch of 2048x2048 PNGs is larger than gRPC's 4 MiB default message limit.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def _checkout_root() -> Path | None:
@@ -39,6 +43,18 @@ def default_engine_dir() -> Path:
     return Path(platformdirs.user_cache_dir("dts-util")) / "engines"
 
 
+def is_loopback(address: str) -> bool:
+    """Whether listening on ``address`` keeps the server reachable from this machine only."""
+    import ipaddress
+
+    if address in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything ``dts-util serve`` needs; validated on construction.
@@ -50,35 +66,84 @@ class ServerConfig:
         address / port: where to listen.
         max_queue: generations allowed to wait behind the running one.
         max_upload_bytes: largest file UploadFile accepts.
+        max_store_bytes: total size of the model store uploads may fill (0 = no quota).
+        min_free_disk_bytes: free disk space uploads must leave.
+        max_concurrent_uploads: uploads allowed at once.
+        upload_idle_timeout: seconds an upload may go without data before it is aborted.
+        max_loaded_models: models kept in memory at once (least recently used ones go first).
         device: torch device for eager components ("auto" picks cuda when present).
         build_missing: queue a background engine build for shapes that had none.
         torch_compile: wrap eager UNet/VAE in torch.compile.
+        auth_token: bearer token every RPC but health checking must carry ("" = none).
+        allow_no_auth: listen beyond loopback without a token (``--no-auth``).
+        tls_cert / tls_key: PEM files to serve TLS with (both or neither).
+        tls_client_ca: PEM CA bundle; when set, clients must present a certificate it signed.
     """
 
     model_dir: Path
     engine_dir: Path
     default_model: str = BUILTIN_MODEL_NAME
-    address: str = DEFAULT_ADDRESS
+    address: str = LOOPBACK_ADDRESS
     port: int = DEFAULT_PORT
     max_queue: int = 8
-    max_upload_bytes: int = 16 * 1024**3
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_store_bytes: int = DEFAULT_MAX_STORE_BYTES
+    min_free_disk_bytes: int = DEFAULT_MIN_FREE_DISK_BYTES
+    max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S
+    max_loaded_models: int = DEFAULT_MAX_LOADED_MODELS
     device: str = "auto"
     build_missing: bool = False
     torch_compile: bool = False
+    auth_token: str = field(default="", repr=False)
+    allow_no_auth: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.max_upload_bytes <= 0:
-            raise ValueError(f"max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+        for name in ("max_upload_bytes", "max_concurrent_uploads", "max_loaded_models", "upload_idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_store_bytes", "min_free_disk_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        if not self.auth_token and not self.allow_no_auth and not is_loopback(self.address):
+            raise ValueError(f"refusing to listen on {self.address} without authentication: anyone who can reach "
+                             "it could write to the model store. Set a token (--auth-token-file or "
+                             "DTS_AUTH_TOKEN), or pass --no-auth if the network is trusted")
+
+    @property
+    def upload_policy(self):
+        from dts_util.models.store import UploadPolicy
+
+        return UploadPolicy(max_file_bytes=self.max_upload_bytes, max_store_bytes=self.max_store_bytes,
+                            min_free_bytes=self.min_free_disk_bytes, max_concurrent=self.max_concurrent_uploads)
 
 
 def resolve_device(device: str) -> str:
-    """Turn "auto" into "cuda" when torch sees a GPU, else "cpu"."""
-    if device != "auto":
-        return device
+    """Turn "auto" into "cuda" when torch sees a GPU, else "cpu"; refuse a CUDA device torch cannot use."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            from dts_util.errors import StartupError
+
+            raise StartupError(f"--device {device} was asked for, but torch sees no CUDA GPU (torch "
+                               f"{torch.__version__}); use --device cpu or install a CUDA build of torch")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            from dts_util.errors import StartupError
+
+            raise StartupError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

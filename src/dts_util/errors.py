@@ -26,6 +26,18 @@ class InvalidPath(InvalidRequest):
     """A client path is empty, absolute, contains '..' or escapes the model store."""
 
 
+class PathConflict(DtsError):
+    """A client path collides with what is in the store (a folder where a file should go, a file as a parent)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FileExists(DtsError):
+    """An upload would replace an existing, different file without ``overwrite``."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class ModelNotFound(DtsError):
     """The named model is not in the model store."""
 
@@ -56,16 +68,44 @@ class UploadTooLarge(DtsError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class StoreFull(DtsError):
+    """An upload would pass the store quota or the free-disk floor, or too many run at once."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class RequestTooLarge(DtsError):
+    """A request message is larger than its RPC accepts, or its answer could not fit in one message."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UploadStalled(DtsError):
+    """No upload data arrived within the idle timeout."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(DtsError):
+    """The request carries no valid bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class UploadCorrupt(DtsError):
     """An upload's bytes do not match the size or SHA-256 the client declared."""
 
     code = grpc.StatusCode.DATA_LOSS
 
 
-class GenerationCancelled(DtsError):
-    """The client cancelled or its deadline passed; generation stopped at a step boundary."""
+class CallCancelled(DtsError):
+    """The client cancelled, went away, or its deadline passed; the work was stopped and nothing kept."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+class GenerationCancelled(CallCancelled):
+    """The client cancelled or its deadline passed; generation stopped at a step boundary."""
 
 
 class BackendUnavailable(DtsError):
@@ -78,3 +118,10 @@ class EngineBuildError(DtsError):
     """Export, validation or compilation of an engine failed."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class StartupError(Exception):
+    """The server cannot start (port in use, no CUDA, bad store path, no default model).
+
+    Not a ``DtsError``: no client caused it. The CLI prints it as one line and exits non-zero.
+    """

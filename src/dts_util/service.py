@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dts_util.config import ServerConfig, resolve_device
 from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
-from dts_util.models.loader import LoadedModel, load_model
+from dts_util.errors import RequestTooLarge
+from dts_util.limits import MAX_RESPONSE_BYTES, MAX_PROMPT_CHARS
+from dts_util.models.loader import LoadedModel, load_model, model_stamp
 from dts_util.models.store import ModelStore
 from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder, Shape
-from dts_util.pipeline.params import GenerationRequest, ResolvedRequest, resolve
+from dts_util.pipeline.params import GenerationRequest, ResolvedRequest, check_text_fields, resolve
 
 if TYPE_CHECKING:
     from dts_util.engines.manager import EngineManager
@@ -66,20 +70,27 @@ class RequestComponents:
         return compiled_module(module)
 
 
+@dataclass
+class _CachedModel:
+    stamp: tuple
+    model: LoadedModel
+
+
 class ImageService:
     """Serves generation requests for the models in a store.
 
     Args:
-        config: server configuration (store, engine dir, device, default model).
+        config: server configuration (store, engine dir, device, default model, limits).
         engines: engine manager, or None to run everything eagerly.
     """
 
     def __init__(self, config: ServerConfig, engines: "EngineManager | None" = None) -> None:
         self.config = config
-        self.store = ModelStore(config.model_dir)
+        self.store = ModelStore(config.model_dir, config.upload_policy)
         self.device = resolve_device(config.device)
         self.engines = engines
-        self._models: dict[str, LoadedModel] = {}
+        # Canonical model name -> loaded model, least recently used first.
+        self._models: OrderedDict[str, _CachedModel] = OrderedDict()
         self._lock = threading.Lock()
 
     def ensure_default_model(self) -> None:
@@ -93,13 +104,46 @@ class ImageService:
         return self.store.model_names()
 
     def model(self, name: str) -> LoadedModel:
-        """The loaded model ``name`` ("" = default); inspects configs only, weights load lazily."""
-        name = name or self.config.default_model
+        """The loaded model ``name`` ("" = default); inspects configs only, weights load lazily.
+
+        Every spelling of a folder maps to one cache entry; a model whose files
+        changed since it was loaded is loaded again; at most ``max_loaded_models``
+        stay in memory.
+        """
+        canonical, path = self.store.canonical_model(name or self.config.default_model)
+        stamp = model_stamp(path)
         with self._lock:
-            if name not in self._models:
-                self._models[name] = load_model(name, self.store.require_model(name), self.device,
-                                                fingerprint_cache=fingerprint_cache(self.config.engine_dir))
-            return self._models[name]
+            cached = self._models.get(canonical)
+            if cached is not None and cached.stamp == stamp:
+                self._models.move_to_end(canonical)
+                return cached.model
+            if cached is not None:
+                log.info("files of model %r changed; loading it again", canonical)
+                self._drop(canonical)
+            model = load_model(canonical, path, self.device, fingerprint_cache=fingerprint_cache(self.config.engine_dir))
+            self._models[canonical] = _CachedModel(stamp, model)
+            while len(self._models) > self.config.max_loaded_models:
+                self._drop(next(iter(self._models)), why="least recently used")
+            return model
+
+    def _drop(self, canonical: str, why: str = "") -> None:
+        cached = self._models.pop(canonical)
+        cached.model.unload_all()
+        if why:
+            log.info("unloaded model %r (%s; --max-loaded-models %d)", canonical, why, self.config.max_loaded_models)
+
+    def loaded_models(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def files_changed(self, path: Path) -> None:
+        """A file of the store was replaced: drop every loaded model it belongs to (engines go stale by
+        fingerprint, so none built for the old weights is used)."""
+        with self._lock:
+            for canonical, cached in list(self._models.items()):
+                if cached.model.info.path in path.parents:
+                    log.info("a file of model %r was replaced; it will be loaded again", canonical)
+                    self._drop(canonical)
 
     def warm_up(self) -> None:
         """Load the default model's text encoders and hash its weights (engines are keyed by that
@@ -112,8 +156,11 @@ class ImageService:
 
     def prepare(self, request: GenerationRequest) -> tuple[LoadedModel, ResolvedRequest]:
         """Check the request against its model; cheap, runs before the request queues."""
+        check_text_fields(request)
         model = self.model(request.model)
-        return model, resolve(request, model.name, model.info.native_size)
+        resolved = resolve(request, model.name, model.info.native_size)
+        check_response_fits(resolved)
+        return model, resolved
 
     def generate(self, model: LoadedModel, req: ResolvedRequest,
                  should_stop: Callable[[], bool]) -> GenerationOutput:
@@ -129,3 +176,26 @@ class ImageService:
                    f"steps={req.steps} sampler={req.sampler.name!r} {backends}")
         return GenerationOutput(encode_pngs(req, result), info_json(req, result, model.fingerprint),
                                 event_strings(result), summary)
+
+
+# Room kept in a response for info and events: every parameter, the prompts JSON-escaped, timings.
+_INFO_ALLOWANCE = 2 * 1024 * 1024 + 12 * MAX_PROMPT_CHARS
+
+
+def worst_case_png_bytes(width: int, height: int, text_bytes: int) -> int:
+    """The largest PNG an RGB image can become: raw rows with filter bytes, deflate's stored-block
+    overhead, IDAT chunk headers, and the parameters text chunk."""
+    raw = height * (width * 3 + 1)
+    return raw + raw // 16000 * 5 + raw // 8192 * 12 + text_bytes + 1024
+
+
+def check_response_fits(req: ResolvedRequest) -> None:
+    """Refuse up front a request whose PNGs could not fit in one response message."""
+    width, height = req.output_size
+    images = req.batch_size * req.batch_count
+    text = 4 * (len(req.prompt) + len(req.negative_prompt)) + 1024
+    worst = images * worst_case_png_bytes(width, height, text) + _INFO_ALLOWANCE
+    if worst > MAX_RESPONSE_BYTES:
+        raise RequestTooLarge(
+            f"{images} image(s) of {width}x{height} can take up to {worst / 2**20:.0f} MiB as PNG, more than one "
+            f"response may carry ({MAX_RESPONSE_BYTES // 2**20} MiB); lower batch_size x batch_count or the size")

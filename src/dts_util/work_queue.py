@@ -52,6 +52,8 @@ class GenerationQueue:
                     # generations never overlap on it.
                     stop.set()
                     await asyncio.wait([future])
+                    if not future.cancelled():
+                        future.exception()  # the job's GenerationCancelled: expected, not worth a traceback
                     raise
         finally:
             self._pending -= 1

@@ -11,7 +11,7 @@ import pytest
 
 from dts_util.client import Client
 from dts_util.grpc.proto import image_generation_pb2 as pb
-from dts_util.models.store import PARTIAL_PREFIX
+from dts_util.models.store import RESERVED_PREFIX
 
 
 def _stream(*messages: pb.UploadFileRequest) -> Iterator[pb.UploadFileRequest]:
@@ -23,7 +23,7 @@ def _upload(client: Client, *messages: pb.UploadFileRequest) -> pb.UploadFileRes
 
 
 def _no_partials(root) -> bool:
-    return not [p for p in root.rglob(f"{PARTIAL_PREFIX}*")]
+    return not [p for p in root.rglob(f"{RESERVED_PREFIX}*")]
 
 
 def test_upload_writes_file_and_reports_name_size_hash(client: Client, model_store) -> None:
@@ -51,7 +51,8 @@ def test_mismatched_upload_is_data_loss_and_keeps_nothing(client: Client, model_
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"old")
     with pytest.raises(grpc.RpcError) as caught:
-        _upload(client, pb.UploadFileRequest(filename="up/existing.bin", data=b"new bytes", **declared))
+        _upload(client, pb.UploadFileRequest(filename="up/existing.bin", data=b"new bytes", overwrite=True,
+                                                 **declared))
     assert caught.value.code() == grpc.StatusCode.DATA_LOSS and "nothing was kept" in caught.value.details()
     assert target.read_bytes() == b"old" and _no_partials(model_store.root)
 

@@ -28,6 +28,7 @@ def files_exist_response(results: list[tuple[str, bool, str]]) -> pb.FilesExistR
                                  errors=[r[2] for r in results])
 
 
-def upload_response(name: str, size: int, sha256: str) -> pb.UploadFileResponse:
-    return pb.UploadFileResponse(message=f"uploaded {name} ({size} bytes, sha256 {sha256})",
+def upload_response(quoted_name: str, size: int, sha256: str, unchanged: bool) -> pb.UploadFileResponse:
+    verb = "already stored, identical:" if unchanged else "uploaded"
+    return pb.UploadFileResponse(message=f"{verb} {quoted_name} ({size} bytes, sha256 {sha256})",
                                  size=size, sha256=sha256)

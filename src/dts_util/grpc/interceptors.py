@@ -1,27 +1,42 @@
-"""The one place where exceptions become gRPC statuses, and where each request is logged.
+"""The one place where calls are authenticated, bounded, turned into statuses, and logged.
 
-Every drawthings RPC passes through ``RequestInterceptor``: a ``DtsError`` becomes
-its own status code and message; anything unexpected is logged with its
-traceback and answered INTERNAL, and the server keeps serving. Each request then
-gets exactly one log line with its method, status, time and whatever summary the
-handler recorded through ``request_log()`` (size, backends, ...).
+``RequestInterceptor`` wraps every RPC but gRPC health checking (which stays open
+for load-balancer probes), whatever its kind (unary or streaming, either way):
+
+- With a token configured, a call without ``authorization: Bearer <token>`` is
+  answered UNAUTHENTICATED before any handler runs.
+- Each request message is held to its RPC's size limit (``limits.py``) before it is
+  parsed into fields; a larger one is RESOURCE_EXHAUSTED.
+- A ``DtsError`` becomes its own status code and message; anything unexpected is
+  logged with its traceback and answered INTERNAL without details; a cancelled
+  call is CANCELLED or DEADLINE_EXCEEDED. The server keeps serving.
+- Each call gets exactly one log line: method, status, time, peer, and whatever
+  summary the handler recorded through ``request_log()``, with client strings
+  escaped and cut short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from dts_util.errors import DtsError
+from dts_util.client_text import for_log
+from dts_util.errors import CallCancelled, DtsError, RequestTooLarge, Unauthenticated
+from dts_util.limits import (MAX_ECHO_REQUEST_BYTES, MAX_FILES_EXIST_REQUEST_BYTES, MAX_GENERATE_REQUEST_BYTES,
+                             MAX_RECEIVE_MESSAGE_BYTES, MAX_UPLOAD_MESSAGE_BYTES)
+from dts_util.security.tokens import TokenChecker
 
 log = logging.getLogger("dts_util.requests")
 _request_log: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_log")
-SERVICE_PREFIX = "/drawthings."
+OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+REQUEST_LIMITS = {"GenerateImage": MAX_GENERATE_REQUEST_BYTES, "FilesExist": MAX_FILES_EXIST_REQUEST_BYTES,
+                  "Echo": MAX_ECHO_REQUEST_BYTES, "UploadFile": MAX_UPLOAD_MESSAGE_BYTES}
 
 
 def request_log() -> dict[str, Any]:
@@ -32,49 +47,147 @@ def request_log() -> dict[str, Any]:
         return {}
 
 
+class _Oversized:
+    """Stands in for a request message that was too large to parse."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _limited(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if len(data) > limit:
+            return _Oversized(len(data))
+        return deserialize(data) if deserialize is not None else data
+
+    return parse
+
+
 class RequestInterceptor(grpc.aio.ServerInterceptor):
-    """Maps errors to status codes and logs one line per drawthings request."""
+    """Authentication, per-RPC request limits, status mapping and one log line per call.
+
+    Args:
+        token: the bearer token calls must carry ("" = no authentication).
+        scrub: turns a message into what a client may see (e.g. removes server paths).
+    """
+
+    def __init__(self, token: str = "", scrub: Callable[[str], str] = str) -> None:
+        self._checker = TokenChecker(token) if token else None
+        self._scrub = scrub
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+        if handler is None or details.method.startswith(OPEN_SERVICE_PREFIX):
             return handler
-        method = details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap(method, handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        refused = self._checker.why_refused(details.invocation_metadata) if self._checker else None
+        call = _Call(details.method.rsplit("/", 1)[-1], refused, self._scrub)
+        limit = REQUEST_LIMITS.get(call.method, MAX_RECEIVE_MESSAGE_BYTES)
+        deserialize = _limited(handler.request_deserializer, limit)
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, call.unary_response),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, call.unary_response),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, call.stream_response),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, call.stream_response))
+        for attribute, make_handler, wrap in kinds:
+            behavior = getattr(handler, attribute)
+            if behavior is not None:
+                return make_handler(wrap(behavior, streaming_request=attribute.startswith("stream")),
+                                    deserialize, handler.response_serializer)
         return handler
 
 
-def _wrap(method: str, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        fields: dict[str, Any] = {}
-        _request_log.set(fields)
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await behavior(request, context)
-        except DtsError as exc:
-            code = exc.code
-            fields["error"] = str(exc)
-            await context.abort(exc.code, str(exc))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except Exception as exc:  # a bug, not the client's doing: log it, answer INTERNAL, keep serving
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed unexpectedly", method)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error in {method}: {type(exc).__name__}: {exc}; see the server log")
-        finally:
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            extra = " ".join(f"{k}={v}" if k != "summary" else str(v) for k, v in fields.items())
-            log.info("%s %s %.1fms peer=%s %s", method, code.name, elapsed_ms, context.peer(), extra)
+class _Call:
+    """Wraps one RPC method's behaviour with the interceptor's checks, status mapping and log line."""
 
-    return wrapped
+    def __init__(self, method: str, refused: str | None, scrub: Callable[[str], str]) -> None:
+        self.method, self.refused, self.scrub = method, refused, scrub
+
+    def unary_response(self, behavior: Callable, streaming_request: bool) -> Callable:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with _Outcome(self, context) as outcome:
+                return await behavior(outcome.admit(request, streaming_request), context)
+
+        return wrapped
+
+    def stream_response(self, behavior: Callable, streaming_request: bool) -> Callable:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with _Outcome(self, context) as outcome:
+                result = behavior(outcome.admit(request, streaming_request), context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a handler that writes with context.write()
+                    await result
+
+        return wrapped
+
+
+class _Outcome:
+    """The status and log line of one call: entered around the handler, it maps what it raises."""
+
+    def __init__(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        self.call, self.context = call, context
+        self.fields: dict[str, Any] = {}
+        self.peer = context.peer()  # read now: a cancelled call no longer knows its peer
+        self.code = grpc.StatusCode.OK
+
+    def admit(self, request: Any, streaming_request: bool) -> Any:
+        """Refuse an unauthenticated or oversized request; wrap a request stream so each message is checked."""
+        if self.call.refused is not None:
+            raise Unauthenticated(self.call.refused)
+        if streaming_request:
+            return self._checked_stream(request)
+        self._check_size(request)
+        return request
+
+    async def _checked_stream(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            self._check_size(request)
+            yield request
+
+    def _check_size(self, request: Any) -> None:
+        if isinstance(request, _Oversized):
+            limit = REQUEST_LIMITS.get(self.call.method, MAX_RECEIVE_MESSAGE_BYTES)
+            raise RequestTooLarge(f"the {self.call.method} request message is {request.size} bytes; this server "
+                                  f"accepts at most {limit} bytes per {self.call.method} message")
+
+    async def __aenter__(self) -> "_Outcome":
+        _request_log.set(self.fields)
+        self.start = time.perf_counter()
+        return self
+
+    async def __aexit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            return await self._map(exc)
+        finally:
+            self._log()
+
+    def _cancel_code(self) -> grpc.StatusCode:
+        remaining = self.context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+            grpc.StatusCode.CANCELLED
+
+    async def _map(self, exc: BaseException | None) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, (asyncio.CancelledError, CallCancelled, GeneratorExit)):
+            self.code = self._cancel_code()  # the client is gone or out of time: nobody reads a message
+            return False
+        if isinstance(exc, grpc.aio.AbortError):
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            return False
+        if isinstance(exc, DtsError):
+            self.code, message = exc.code, self.call.scrub(str(exc))
+            self.fields["error"] = message
+        elif isinstance(exc, Exception):  # a bug, not the client's doing: log it, answer INTERNAL, keep serving
+            self.code = grpc.StatusCode.INTERNAL
+            log.error("%s failed unexpectedly", self.call.method, exc_info=exc)
+            message = f"internal error in {self.call.method}; the server log has the details"
+        else:
+            return False
+        await self.context.abort(self.code, message)
+        return False
+
+    def _log(self) -> None:
+        elapsed_ms = (time.perf_counter() - self.start) * 1000
+        extra = " ".join(for_log(v) if k == "summary" else f"{k}={for_log(v)}" for k, v in self.fields.items())
+        log.info("%s %s %.1fms peer=%s %s", self.call.method, self.code.name, elapsed_ms, for_log(self.peer), extra)

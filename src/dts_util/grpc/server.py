@@ -1,20 +1,26 @@
-"""Server start-up: gRPC server, interceptor, health, reflection, signals, graceful stop."""
+"""Server start-up: gRPC server, interceptor, TLS, health, reflection, signals, graceful stop."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
+from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dts_util.config import MAX_MESSAGE_BYTES, ServerConfig
+from dts_util.config import ServerConfig, is_loopback
+from dts_util.errors import StartupError
 from dts_util.grpc.interceptors import RequestInterceptor
 from dts_util.grpc.proto import image_generation_pb2 as pb
 from dts_util.grpc.proto import image_generation_pb2_grpc as pb_grpc
 from dts_util.grpc.servicer import ImageGenerationServicer
+from dts_util.limits import MAX_RECEIVE_MESSAGE_BYTES, MAX_RESPONSE_BYTES
 from dts_util.service import ImageService
 from dts_util.work_queue import GenerationQueue
 
@@ -42,35 +48,109 @@ class RunningServer:
         self.queue.shutdown()
 
 
+def path_scrubber(config: ServerConfig) -> Callable[[str], str]:
+    """Removes the server's own absolute paths from messages clients will read."""
+    replacements = [(str(Path(config.model_dir).resolve()), "<model store>"),
+                    (str(Path(config.engine_dir).resolve()), "<engine dir>"),
+                    (str(Path(config.model_dir)), "<model store>"), (str(Path(config.engine_dir)), "<engine dir>"),
+                    (str(Path.home()), "~")]
+    replacements.sort(key=lambda pair: -len(pair[0]))  # longest first: a root inside home stays whole
+
+    def scrub(message: str) -> str:
+        for path, placeholder in replacements:
+            if len(path) > 1:
+                message = message.replace(path, placeholder)
+        return message
+
+    return scrub
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind a plain socket first: its error says why (in use, not our address) without gRPC's log noise."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}: {exc.strerror}; check --address") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise StartupError(f"port {port} on {host} is already in use (another dts-util serve?); stop "
+                                       "that program or choose another --port") from None
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise StartupError(f"{host} is not an address of this machine; check --address") from None
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Listen on the configured address; a clear StartupError when that is impossible."""
+    host = f"[{config.address}]" if ":" in config.address and not config.address.startswith("[") else config.address
+    address = f"{host}:{config.port}"
+    if config.port:
+        _check_port_free(host, config.port)
+    try:
+        if config.tls_cert is not None:
+            from dts_util.security.tls import server_credentials
+
+            port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key,
+                                                                      config.tls_client_ca))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}: the port is in use (another dts-util serve?) or the "
+                           "address is not on this machine; stop the other program or choose --port/--address")
+    return port
+
+
 async def start_server(config: ServerConfig, service: ImageService) -> RunningServer:
     """Bind, register services and start; health says NOT_SERVING until ``set_serving(True)``."""
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.aio.server(interceptors=[RequestInterceptor()], options=options)
+    options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+               # gRPC sets SO_REUSEPORT by default: a second server on a busy port would "start" and
+               # share its clients with the first. One server per port.
+               ("grpc.so_reuseport", 0)]
+    interceptor = RequestInterceptor(config.auth_token, path_scrubber(config))
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
     queue = GenerationQueue(config.max_queue)
     pb_grpc.add_ImageGenerationServiceServicer_to_server(
-        ImageGenerationServicer(service, queue, config.max_upload_bytes), server)
+        ImageGenerationServicer(service, queue, config.upload_idle_timeout), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    host = f"[{config.address}]" if ":" in config.address else config.address
-    port = server.add_insecure_port(f"{host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {config.address}:{config.port} (address in use?)")
+    port = _bind(server, config)
     await server.start()
     running = RunningServer(server, port, health_servicer, queue, service)
     await running.set_serving(False)
     return running
 
 
+def _describe_security(config: ServerConfig) -> str:
+    auth = "bearer token required" if config.auth_token else "NO authentication"
+    tls = ("mutual TLS" if config.tls_client_ca else "TLS") if config.tls_cert else "plaintext (no TLS)"
+    return f"{auth}, {tls}"
+
+
 async def serve(config: ServerConfig, service: ImageService) -> None:
     """Run until SIGINT/SIGTERM: listen (Echo answers at once), then warm up the default model."""
-    # The built-in model is written before listening, so no request can race its creation.
+    # Before listening: no request can race the built-in model's creation, and a default model that
+    # cannot be served stops start-up with one clear line rather than failing every request.
+    await asyncio.to_thread(service.store.sweep_temporary_files)
     await asyncio.to_thread(service.ensure_default_model)
+    await asyncio.to_thread(service.model, "")
     running = await start_server(config, service)
-    log.info("listening on %s:%d (model store %s, engines %s)", config.address, running.port,
-             config.model_dir, config.engine_dir)
+    log.info("listening on %s:%d (%s; model store %s, engines %s)", config.address, running.port,
+             _describe_security(config), config.model_dir, config.engine_dir)
+    if not config.auth_token and not is_loopback(config.address):
+        log.warning("authentication is OFF (--no-auth) on %s: anyone who can reach port %d can generate and "
+                    "write to the model store", config.address, running.port)
+    elif config.auth_token and not config.tls_cert and not is_loopback(config.address):
+        log.warning("the token travels in plaintext: add --tls-cert/--tls-key (see `dts-util tls init`)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

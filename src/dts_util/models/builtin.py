@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from dts_util.config import BUILTIN_MODEL_NAME
-from dts_util.models.store import MODEL_INDEX, ModelStore
+from dts_util.models.store import MODEL_INDEX, RESERVED_PREFIX, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def ensure_builtin_model(store: ModelStore, name: str = BUILTIN_MODEL_NAME) -> P
     if (target / MODEL_INDEX).is_file():
         return target
     log.info("creating the built-in model %r in %s (seeded random weights)", name, store.root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".partial-{name}-", dir=store.root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{RESERVED_PREFIX}builtin-", dir=store.root))
     try:
         _build_pipeline().save_pretrained(tmp, safe_serialization=True)
         # Record where these weights came from, for anyone who finds the folder.

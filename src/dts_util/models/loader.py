@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from dts_util.errors import ModelLoadError
-from dts_util.models.store import read_model_index
+from dts_util.client_text import for_log, quote
+from dts_util.models.store import read_json_file, read_model_index
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +55,54 @@ class ModelInfo:
         return int(self.unet_config.get("in_channels", 4))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-
-
 def inspect_model(name: str, path: Path) -> ModelInfo:
     """Read a model folder's configs and decide its family; loads no weights."""
-    index = read_model_index(path)
+    index = read_model_index(path, name)
     class_name = index.get("_class_name", "")
     if class_name in SDXL_PIPELINES or "text_encoder_2" in index:
         family = "sdxl"
     elif class_name in SD_PIPELINES or "text_encoder" in index:
         family = "sd"
     else:
-        raise ModelLoadError(f"model {name!r} is a {class_name or 'unknown'} pipeline; dts-util serves "
+        raise ModelLoadError(f"model {quote(name)} is a {for_log(class_name or 'unknown', 80)} pipeline; "
+                             "dts-util serves "
                              "Stable Diffusion 1.x/2.x and SDXL models in the diffusers layout")
     for part in ("unet", "vae", "scheduler", "tokenizer", "text_encoder"):
         if not (path / part).is_dir():
-            raise ModelLoadError(f"model {name!r} has no {part}/ folder; is the diffusers layout complete?")
-    return ModelInfo(
+            raise ModelLoadError(f"model {quote(name)} has no {part}/ folder; is the diffusers layout complete?")
+    info = ModelInfo(
         name=name, path=path, family=family,
-        unet_config=_read_json(path / "unet" / "config.json"),
-        vae_config=_read_json(path / "vae" / "config.json"),
-        scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+        unet_config=read_json_file(path / "unet" / "config.json", f"{name}/unet/config.json"),
+        vae_config=read_json_file(path / "vae" / "config.json", f"{name}/vae/config.json"),
+        scheduler_config=read_json_file(path / "scheduler" / "scheduler_config.json",
+                                        f"{name}/scheduler/scheduler_config.json"),
     )
+    _check_sizes(info)
+    return info
+
+
+def _check_sizes(info: ModelInfo) -> None:
+    """The config values every request needs, checked once here rather than failing mid-request."""
+    try:
+        if info.native_size <= 0 or info.latent_channels <= 0:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(f"model {quote(info.name)}: {info.name}/unet/config.json needs a positive sample_size "
+                             f"and {info.name}/vae/config.json a block_out_channels list; fix those files") from None
+
+
+def model_stamp(path: Path) -> tuple:
+    """Names, sizes and modification times of a model's config and weight files: cheap to take, and
+    different whenever a file was replaced, so a loaded model can tell it is out of date."""
+    stamp = []
+    for file in sorted(path.rglob("*")):
+        if file.suffix in (*WEIGHT_SUFFIXES, ".json") and not file.name.startswith("."):
+            try:
+                info = file.stat()
+            except OSError:
+                continue
+            stamp.append((str(file.relative_to(path)), info.st_size, info.st_mtime_ns))
+    return tuple(stamp)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -164,8 +186,11 @@ class LoadedModel:
                 log.info("loading %s of %r on %s", key, self.name, self.device)
                 try:
                     self._parts[key] = loader()
-                except (OSError, ValueError, RuntimeError) as exc:
-                    raise ModelLoadError(f"cannot load {key} of model {self.name!r}: {exc}") from exc
+                except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+                    # Loader messages name absolute paths; clients see the model's own name instead.
+                    detail = str(exc).replace(str(self.info.path), self.name)
+                    raise ModelLoadError(f"cannot load {key} of model {quote(self.name)}: "
+                                         f"{for_log(detail)}") from exc
             return self._parts[key]
 
     def _from_pretrained(self, cls, subfolder: str) -> Any:
@@ -194,6 +219,12 @@ class LoadedModel:
             if self._parts.pop(component, None) is not None:
                 log.info("unloaded eager %s of %r", component, self.name)
                 _empty_device_cache(self.device)
+
+    def unload_all(self) -> None:
+        """Drop every loaded component (the model left the server's cache)."""
+        with self._lock:
+            self._parts.clear()
+            _empty_device_cache(self.device)
 
     def prompt_encoders(self) -> PromptEncoders:
         def load() -> PromptEncoders:

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 from dts_util.errors import FeatureUnavailable, InvalidRequest
+from dts_util.limits import MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_SAMPLER_CHARS
 from dts_util.pipeline.samplers import Sampler, find_sampler
 
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -25,8 +26,6 @@ DEFAULT_STRENGTH = 0.7
 DEFAULT_HR_SCALE = 2.0
 MAX_HR_SCALE = 4.0
 MAX_SEED = 2**63 - 1 - MAX_BATCH_SIZE * MAX_BATCH_COUNT
-# CLIP reads 77 tokens; far longer text only costs tokenizer time.
-MAX_PROMPT_CHARS = 16384
 
 
 @dataclass(frozen=True)
@@ -108,15 +107,22 @@ def _in_range(name: str, value: int, low: int, high: int, hint: str = "") -> Non
         raise InvalidRequest(f"{name} is {value}; it must be in {low}..{high}{hint}")
 
 
+def check_text_fields(req: GenerationRequest) -> None:
+    """Bound every string of the request before anything uses, logs or echoes it."""
+    limits = (("prompt", MAX_PROMPT_CHARS), ("negative_prompt", MAX_PROMPT_CHARS),
+              ("sampler", MAX_SAMPLER_CHARS), ("model", MAX_PATH_CHARS))
+    for name, limit in limits:
+        length = len(getattr(req, name))
+        if length > limit:
+            raise InvalidRequest(f"{name} has {length} characters; send at most {limit}")
+
+
 def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedRequest:
     """Check ``req`` and fill its defaults for a model of ``native_size`` pixels."""
+    check_text_fields(req)
     if req.restore_faces:
         raise FeatureUnavailable("restore_faces was requested, but no face-restoration model is installed "
                                  "on this server; send restore_faces=false")
-    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-        if len(text) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(f"{name} has {len(text)} characters; send at most {MAX_PROMPT_CHARS} "
-                                 "(the text encoder reads only the first 77 tokens)")
     width, height = req.width or native_size, req.height or native_size
     _check_size("width", width)
     _check_size("height", height)

@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from dts_util.client_text import quote
 from dts_util.errors import InvalidRequest
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
@@ -66,7 +67,7 @@ def find_sampler(name: str) -> Sampler:
     """The sampler for ``name`` (case-insensitive; "" gives the default), or InvalidRequest."""
     key = (name or DEFAULT_SAMPLER).strip().casefold()
     if key not in _BY_KEY:
-        raise InvalidRequest(f"unknown sampler {name!r}; valid samplers are: {', '.join(sampler_names())}")
+        raise InvalidRequest(f"unknown sampler {quote(name)}; valid samplers are: {', '.join(sampler_names())}")
     return _BY_KEY[key]
 
 

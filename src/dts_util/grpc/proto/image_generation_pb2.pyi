@@ -83,16 +83,18 @@ class ImageGenerationResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[bytes]] = ..., info: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UploadFileRequest(_message.Message):
-    __slots__ = ("filename", "data", "sha256", "total_size")
+    __slots__ = ("filename", "data", "sha256", "total_size", "overwrite")
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     filename: str
     data: bytes
     sha256: str
     total_size: int
-    def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+    overwrite: bool
+    def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ..., total_size: _Optional[int] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class UploadFileResponse(_message.Message):
     __slots__ = ("message", "size", "sha256")

@@ -1,0 +1,44 @@
+"""Every bound on what a client may send, in one place (the README's Security table lists them).
+
+Limits on strings are checked before the value is used, logged or echoed. Request
+messages are bounded per RPC by what that RPC needs, while responses stay large.
+"""
+
+from __future__ import annotations
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+# Request messages, per RPC (serialized size). Larger ones are RESOURCE_EXHAUSTED.
+MAX_GENERATE_REQUEST_BYTES = 256 * KiB
+MAX_FILES_EXIST_REQUEST_BYTES = 512 * KiB
+MAX_ECHO_REQUEST_BYTES = 1 * KiB
+MAX_UPLOAD_CHUNK_BYTES = 4 * MiB
+# One UploadFile message: a chunk plus its name, hash and size fields.
+MAX_UPLOAD_MESSAGE_BYTES = MAX_UPLOAD_CHUNK_BYTES + 64 * KiB
+# What the gRPC core accepts at all (the largest of the above); anything bigger never reaches Python.
+MAX_RECEIVE_MESSAGE_BYTES = MAX_UPLOAD_MESSAGE_BYTES
+# Responses: a batch of large PNGs. GenerateImage refuses up front what could not fit.
+MAX_RESPONSE_BYTES = 256 * MiB
+# What gRPC clients accept by default (Python, Node, Go, grpcurl), unless they raise it.
+DEFAULT_CLIENT_RECEIVE_BYTES = 4 * MiB
+
+# Strings (characters).
+MAX_PROMPT_CHARS = 16384
+MAX_SAMPLER_CHARS = 64
+MAX_PATH_CHARS = 1024
+# Bytes of one path component, as the filesystem counts them (UTF-8).
+MAX_PATH_COMPONENT_BYTES = 255
+SHA256_HEX_CHARS = 64
+
+# FilesExist.
+MAX_FILES_EXIST_ENTRIES = 512
+
+# Uploads (defaults of the `serve` flags of the same names).
+DEFAULT_MAX_UPLOAD_BYTES = 16 * GiB
+DEFAULT_MAX_STORE_BYTES = 0  # 0 = no quota beyond the free-disk floor
+DEFAULT_MIN_FREE_DISK_BYTES = 1 * GiB
+DEFAULT_MAX_CONCURRENT_UPLOADS = 4
+DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
+
+# Models held in memory at once (LRU).
+DEFAULT_MAX_LOADED_MODELS = 2

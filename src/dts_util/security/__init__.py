@@ -1,0 +1,1 @@
+"""Authentication (bearer tokens) and TLS material (a private CA and server/client certificates)."""
