@@ -27,7 +27,7 @@ app = typer.Typer(help="dts-util: a Draw Things gRPC image-generation server wit
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
 engines_app = typer.Typer(help="Manage built engines (list, remove).", no_args_is_help=True)
 app.add_typer(engines_app, name="engines")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 # soft_wrap: long lines (hashes, paths) stay whole when piped into files and scripts.
 out = Console(soft_wrap=True)
 
@@ -615,16 +615,17 @@ def install(
     if not service:
         out.print(f"run the server with: {exe} {' '.join(args)}")
         return
-    _install_unit(exe, args, port, token_file if new_token else None)
+    _install_unit(exe, args, port)
 
 
-def _install_unit(exe: str, args: list[str], port: int, created_token: Optional[Path]) -> None:
-    """Write and start the user unit; on failure remove what this command wrote, and say how to run by hand."""
+def _install_unit(exe: str, args: list[str], port: int) -> None:
+    """Write and start the user unit; on failure remove the unit again and say how to run by hand (the
+    model store and token stay: the command printed for that needs them)."""
     unit = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "systemd/user/dts-util.service"
     manual = f"start the server by hand: {exe} {' '.join(args)} (or pass --no-service)"
     if shutil.which("systemctl") is None:
         raise _fail(f"systemctl is not available here; {manual}")
-    existed = unit.exists()
+    previous = unit.read_text() if unit.exists() else None
     unit.parent.mkdir(parents=True, exist_ok=True)
     unit.write_text(SYSTEMD_UNIT.format(exec_start=" ".join([exe, *args])))
     steps = (["daemon-reload"], ["enable", "--now", "dts-util.service"])
@@ -632,10 +633,10 @@ def _install_unit(exe: str, args: list[str], port: int, created_token: Optional[
         result = subprocess.run(["systemctl", "--user", *step], capture_output=True, text=True)
         if result.returncode != 0:
             subprocess.run(["systemctl", "--user", "disable", "dts-util.service"], capture_output=True)
-            if not existed:
+            if previous is None:
                 unit.unlink(missing_ok=True)
-            if created_token is not None:
-                created_token.unlink(missing_ok=True)
+            else:
+                unit.write_text(previous)
             subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True)
             reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
             raise _fail(f"systemctl --user {' '.join(step)} failed ({reason}); the unit was removed again; {manual}")

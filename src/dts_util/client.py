@@ -145,14 +145,14 @@ def explain_rpc_error(exc: grpc.RpcError, target: str) -> str:
     code, details = exc.code(), exc.details() or ""
     lowered = details.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
-        if "dns resolution failed" in lowered or "name or service not known" in lowered or "resolve" in lowered:
+        if any(word in lowered for word in ("resolving", "lookup", "dns resolution", "name or service not known")):
             return f"cannot resolve the host of {target}: check the host name"
-        if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered or "tls" in lowered:
+        if any(word in lowered for word in ("handshake", "ssl", "certificate")):
             return (f"TLS with {target} failed ({details}); check --tls/--ca (and --client-cert/--client-key "
                     "for mutual TLS), and that the server's certificate names this host")
-        if "connection refused" in lowered or "failed to connect" in lowered or "connect failed" in lowered:
+        if "connection refused" in lowered:
             return f"nothing is listening at {target} (start it with `dts-util serve`)"
-        if "socket closed" in lowered or "reset" in lowered or "goaway" in lowered or "eof" in lowered:
+        if any(word in lowered for word in ("socket closed", "reset", "goaway", "eof", "broken pipe")):
             return (f"the connection to {target} was lost mid-request ({details}); the server may have stopped, "
                     "or it speaks TLS and this client did not (try --tls)")
         return f"{target} is unavailable: {details}"
