@@ -476,8 +476,18 @@ def engines_list(engine_dir: EngineDirOpt = None, model_path: ModelDirOpt = None
         table.add_row(m["model"], m["component"], m.get("resolution", "?"), str(m["shape"]["batch"]),
                       f"{m['backend']} {m['backend_version']}", m["precision"], f"{size_mb:.1f}",
                       f"{m.get('validation', {}).get('rel_l2', 0):.1e}",
-                      "[green]usable[/]" if status is None else f"[yellow]stale[/]: {status}")
+                      _engine_verdict(status))
     _print_table(table)
+
+
+def _engine_verdict(status: Optional[str]) -> str:
+    if status is None:
+        return "[green]usable[/]"
+    if status.startswith("engine file is unreadable"):
+        return f"[red]unreadable[/]: {status}"
+    if status.startswith("engine file is missing"):
+        return f"[red]missing[/]: {status}"
+    return f"[yellow]stale[/]: {status}"
 
 
 @engines_app.command("rm")

@@ -79,6 +79,13 @@ def test_build_engines_list_and_rm(model_store, tmp_path) -> None:
     removed = runner.invoke(app, ["engines", "rm", "--resolution", "128x64", "--yes", *common])
     assert removed.exit_code == 0 and removed.output.count("removed") == 2
     assert runner.invoke(app, ["engines", "list", *common]).output.count("usable") == 2
+    from dts_util.engines.inventory import engine_status
+
+    record = engine_status(engines, model_store.root)[0][0]
+    record.engine_path.unlink()
+    record.engine_path.mkdir()  # still there, but no file can be read from it
+    listed = runner.invoke(app, ["engines", "list", *common])
+    assert listed.output.count("usable") == 1 and "unreadable" in listed.output
 
 
 def test_build_engines_unknown_model(model_store, tmp_path) -> None:
@@ -99,6 +106,6 @@ def test_build_engines_tensorrt_unavailable_is_a_clear_error(model_store, tmp_pa
 
 def test_install_without_service_prepares_the_store(tmp_path) -> None:
     result = runner.invoke(app, ["install", "--no-service", "--model-path", str(tmp_path / "m"),
-                                 "--engine-dir", str(tmp_path / "e")])
+                                 "--engine-dir", str(tmp_path / "e")], env={"DTS_CONFIG_DIR": str(tmp_path / "c")})
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m" / "builtin-tiny-sd" / "model_index.json").is_file()

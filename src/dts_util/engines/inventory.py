@@ -30,8 +30,21 @@ def engine_status(engine_dir: Path, model_dir: Path) -> list[tuple[EngineRecord,
         if fingerprint is None:
             rows.append((record, f"model {record.model!r} is not in {store.root}"))
             continue
-        rows.append((record, EngineRegistry.unusable_reason(record, fingerprint, _device_here(record), versions)))
+        rows.append((record, unreadable_reason(record.engine_path)
+                      or EngineRegistry.unusable_reason(record, fingerprint, _device_here(record), versions)))
     return rows
+
+
+def unreadable_reason(engine_file: Path) -> str | None:
+    """None when the engine file can be opened and read, else why not (a manifest alone is no engine)."""
+    try:
+        with engine_file.open("rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        return "engine file is missing"
+    except OSError as exc:
+        return f"engine file is unreadable ({exc.strerror})"
+    return None
 
 
 def _device_here(record: EngineRecord) -> str:
