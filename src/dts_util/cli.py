@@ -17,8 +17,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-from rich.console import Console
+# gRPC's core logs TLS handshake details at INFO by default; users see our one-line errors instead.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 from dts_util import __version__, limits
 from dts_util.config import BUILTIN_MODEL_NAME, DEFAULT_PORT, default_engine_dir, default_model_dir
@@ -621,7 +624,8 @@ def install(
         tls_flags = f" --ca {tls_files.ca_cert}"
         out.print(f"TLS: certificates in {tls_files.folder}; clients trust {tls_files.ca_cert}")
     out.print(f"clients send the token: DTS_AUTH_TOKEN=$(cat {token_file}) dts-util test --port {port}{tls_flags}")
-    exe = shutil.which("dts-util") or f"{sys.executable} -m dts_util"
+    beside_python = Path(sys.executable).with_name("dts-util")
+    exe = shutil.which("dts-util") or (str(beside_python) if beside_python.exists() else f"{sys.executable} -m dts_util")
     if not service:
         out.print(f"run the server with: {exe} {' '.join(args)}")
         return

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -194,3 +195,25 @@ def test_clients_tell_network_failures_apart() -> None:
     assert nothing.exit_code == 1 and "nothing is listening" in nothing.output
     unknown = runner.invoke(app, ["test", "--host", "no-such-host.invalid", "--timeout", "5"])
     assert unknown.exit_code == 1 and "cannot resolve" in unknown.output
+    with socket.socket() as hangs_up:  # accepts every connection and closes it at once
+        hangs_up.bind(("127.0.0.1", 0))
+        hangs_up.listen()
+        stop = threading.Event()
+
+        def accept_and_close() -> None:
+            hangs_up.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    connection, _ = hangs_up.accept()
+                    connection.close()
+                except OSError:
+                    pass
+
+        thread = threading.Thread(target=accept_and_close)
+        thread.start()
+        try:
+            lost = runner.invoke(app, ["test", "--port", str(hangs_up.getsockname()[1]), "--timeout", "5"])
+        finally:
+            stop.set()
+            thread.join(5)
+    assert lost.exit_code == 1 and "lost mid-request" in lost.output
