@@ -171,3 +171,19 @@ def test_concurrent_clients_are_served_while_a_generation_runs(server) -> None:
     for thread in threads:
         thread.join(30)
     assert results == ["HELLO"] * 60
+
+
+def test_malformed_messages_and_declarations_are_invalid_argument(client) -> None:
+    not_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (prompt), 2 bytes that are not UTF-8
+    raw = client.channel.unary_unary("/drawthings.ImageGenerationService/GenerateImage",
+                                     response_deserializer=pb.ImageGenerationResponse.FromString)
+    error = _error(raw, not_utf8, timeout=30)
+    assert error.code() == INVALID and "not valid protobuf" in error.details()
+    for declared in (dict(total_size=-5), dict(sha256="xyz")):
+        error = _error(client.stub.UploadFile, iter([pb.UploadFileRequest(filename="decl.bin", data=b"x",
+                                                                          **declared)]), timeout=30)
+        assert error.code() == INVALID
+    echo = client.channel.unary_unary("/drawthings.ImageGenerationService/Echo",
+                                      response_deserializer=pb.EchoResponse.FromString)
+    assert echo(b"", timeout=30).message == "HELLO"
+    assert _error(echo, b"\x0a" + bytes([200, 8]) + b"e" * 1224, timeout=30).code() == EXHAUSTED

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Callable
 import grpc
 
 from dts_util.client_text import for_log
-from dts_util.errors import CallCancelled, DtsError, RequestTooLarge, Unauthenticated
+from dts_util.errors import CallCancelled, DtsError, InvalidRequest, RequestTooLarge, Unauthenticated
 from dts_util.limits import (MAX_ECHO_REQUEST_BYTES, MAX_FILES_EXIST_REQUEST_BYTES, MAX_GENERATE_REQUEST_BYTES,
                              MAX_RECEIVE_MESSAGE_BYTES, MAX_UPLOAD_MESSAGE_BYTES)
 from dts_util.security.tokens import TokenChecker
@@ -54,11 +54,20 @@ class _Oversized:
         self.size = size
 
 
+class _Malformed:
+    """Stands in for a request message that is not valid protobuf (e.g. a string that is not UTF-8)."""
+
+
 def _limited(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any]:
+    """The handler's parser, refusing oversized messages before parsing and keeping parse errors for the
+    handler to answer (an exception in the parser itself would reach the client as a bare INTERNAL)."""
     def parse(data: bytes) -> Any:
         if len(data) > limit:
             return _Oversized(len(data))
-        return deserialize(data) if deserialize is not None else data
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception:  # protobuf's DecodeError, or any parser's own error
+            return _Malformed()
 
     return parse
 
@@ -145,6 +154,9 @@ class _Outcome:
             yield request
 
     def _check_size(self, request: Any) -> None:
+        if isinstance(request, _Malformed):
+            raise InvalidRequest(f"the {self.call.method} request message is not valid protobuf (string fields "
+                                 "must be UTF-8); check the client's message definitions")
         if isinstance(request, _Oversized):
             limit = REQUEST_LIMITS.get(self.call.method, MAX_RECEIVE_MESSAGE_BYTES)
             raise RequestTooLarge(f"the {self.call.method} request message is {request.size} bytes; this server "

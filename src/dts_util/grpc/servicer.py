@@ -80,9 +80,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         if first is None:
             raise InvalidRequest("the upload stream was empty; the first message must name the file")
         request_log()["file"] = first.filename
+        declared = _Declared()
+        declared.update(first)  # a malformed declaration is refused before anything is opened
         upload = await self._open(first)
         try:
-            digest = await self._receive(upload, first, messages)
+            digest = await self._receive(upload, first, messages, declared)
             await _confirm_client_finished(context, watch)
             upload.publish()  # no await since the check above: a cancel cannot land in between
         except BaseException:
@@ -105,9 +107,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
                 opening.result().abort()
             raise
 
-    async def _receive(self, upload: Upload, first: pb.UploadFileRequest, messages: "_UploadMessages") -> str:
+    async def _receive(self, upload: Upload, first: pb.UploadFileRequest, messages: "_UploadMessages",
+                       declared: "_Declared") -> str:
         """Write every chunk until the client half-closes; then check and sync. Returns the SHA-256."""
-        declared = _Declared()
         message: pb.UploadFileRequest | None = first
         while message is not None:
             if message.filename and message.filename != first.filename:
