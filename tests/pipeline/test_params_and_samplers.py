@@ -44,3 +44,19 @@ def test_infotext_is_a1111_format() -> None:
                                   sampler="euler a"), "tiny", 256)
     assert infotext(r, 4) == ("p\nNegative prompt: n\nSteps: 9, Sampler: Euler a, CFG scale: 5.5, Seed: 4, "
                               "Size: 256x256, Model: tiny, Version: dts-util 0.1.0")
+
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.7), (20, 0.7), (10, 0.5), (7, 0.99), (30, 0.3), (3, 1.0)])
+def test_img2img_start_matches_diffusers_get_timesteps(steps: int, strength: float) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.schedulers import DDIMScheduler
+
+    from dts_util.pipeline.txt2img import img2img_start_step
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    pipe = StableDiffusionImg2ImgPipeline.__new__(StableDiffusionImg2ImgPipeline)
+    pipe.scheduler = scheduler
+    timesteps, runs = pipe.get_timesteps(steps, strength, "cpu")
+    assert steps - img2img_start_step(steps, strength) == runs == len(timesteps)
+    assert img2img_start_step(4, 0.7) == 2  # runs 2 steps, not 3

@@ -168,7 +168,7 @@ class Txt2ImgPipeline:
             latents = noise * scheduler.init_noise_sigma
         else:
             # img2img: skip the first (1 - strength) of the schedule and noise the input to match.
-            start = min(int(req.steps * (1 - strength)), req.steps - 1) * scheduler.order
+            start = img2img_start_step(req.steps, strength) * scheduler.order
             timesteps = timesteps[start:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
@@ -212,6 +212,13 @@ class Txt2ImgPipeline:
         pixels = decoder(latent=latents / scaling)
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def img2img_start_step(steps: int, strength: float) -> int:
+    """The first step an img2img pass runs, as diffusers' ``get_timesteps`` computes it (the pass runs
+    ``int(steps * strength)`` steps), but always at least one step."""
+    denoised_steps = min(int(steps * strength), steps)
+    return min(steps - denoised_steps, steps - 1)
 
 
 class _Timer:
