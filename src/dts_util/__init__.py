@@ -1,3 +1,10 @@
 """dts-util: a Draw Things gRPC image-generation server with compiled engines."""
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# dts-util never downloads anything: every config it needs ships in the package. Set before diffusers or
+# huggingface_hub is imported, this turns any would-be download into a local-files-only error.
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

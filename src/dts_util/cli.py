@@ -383,6 +383,9 @@ def build_engines(
         show_default="unet and vae_decoder")] = None,
     cfg: Annotated[CfgChoice, typer.Option(help="UNet batches for guided (cfg_scale > 1), unguided, or both.",
                                            rich_help_panel=BUILD)] = CfgChoice.cfg,
+    prompt_chunks: Annotated[str, typer.Option(
+        help="UNet text lengths to build, in 75-token prompt chunks, comma-separated (1 = up to 75 tokens, "
+             "2 = up to 150, ...).", rich_help_panel=BUILD)] = "1",
     dry_run: Annotated[bool, typer.Option(help="Print the plan; build nothing.", rich_help_panel=BUILD)] = False,
     engine_dir: EngineDirOpt = None,
     model_path: ModelDirOpt = None,
@@ -399,7 +402,8 @@ def build_engines(
             [(loaded.info.native_size, loaded.info.native_size)]
         components = tuple(c.value for c in component) if component else ("unet", "vae_decoder")
         with err.status("fingerprinting model weights…"):
-            jobs = plan(loaded, engines, sizes, batch_size, backend.value, precision.value, components, cfg.value)
+            jobs = plan(loaded, engines, sizes, batch_size, backend.value, precision.value, components, cfg.value,
+                        prompt_chunks=_parse_chunks(prompt_chunks))
     except (DtsError, StartupError) as exc:
         raise _fail(str(exc))
     if dry_run:
@@ -410,6 +414,18 @@ def build_engines(
     _print_build_table(results, engines)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(code=1)
+
+
+def _parse_chunks(text: str) -> tuple[int, ...]:
+    from dts_util.errors import InvalidRequest
+
+    try:
+        chunks = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        chunks = ()
+    if not chunks or not all(1 <= n <= 8 for n in chunks):
+        raise InvalidRequest(f"--prompt-chunks {text!r}: give chunk counts in 1..8, comma-separated (e.g. 1,2)")
+    return chunks
 
 
 def _run_builds(jobs, model, engine_dir: Path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -20,6 +20,7 @@ from dts_util.models.builtin import ensure_builtin_model
 from dts_util.errors import RequestTooLarge
 from dts_util.limits import MAX_RESPONSE_BYTES, MAX_PROMPT_CHARS
 from dts_util.models.loader import LoadedModel, load_model, model_stamp
+from dts_util.models.lora import resolve_loras
 from dts_util.models.store import ModelStore
 from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder, Shape
 from dts_util.pipeline.params import GenerationRequest, ResolvedRequest, check_text_fields, resolve
@@ -41,15 +42,22 @@ class GenerationOutput:
 
 
 class RequestComponents:
-    """Per-request choice of UNet / VAE decoder runners: an engine if one matches the shape, else eager."""
+    """Per-request choice of UNet / VAE decoder runners: an engine if one matches the shape, else eager.
 
-    def __init__(self, model: LoadedModel, engines: "EngineManager | None", compile_eager: bool) -> None:
+    With LoRAs, the UNet comes from an engine built for that exact LoRA set, or runs eagerly with the
+    LoRAs switched on (``lora_unet`` does that for the request).
+    """
+
+    def __init__(self, model: LoadedModel, engines: "EngineManager | None", compile_eager: bool,
+                 loras: tuple = (), lora_unet: Callable[[object], None] | None = None) -> None:
         self.model, self.engines, self.compile_eager = model, engines, compile_eager
+        self.loras, self.lora_unet = loras, lora_unet
 
-    def _pick(self, component: str, shape: Shape, eager: Callable[[str], Component]) -> Component:
+    def _pick(self, component: str, shape: Shape, eager: Callable[[str], Component],
+              engine_model: LoadedModel | None = None) -> Component:
         if self.engines is None:
             return eager("")
-        runner, reason = self.engines.runner_for(self.model, component, shape)
+        runner, reason = self.engines.runner_for(engine_model or self.model, component, shape)
         if runner is not None:
             # An engine serves this component now: never keep the eager weights beside it.
             self.model.unload(component if component != "vae_decoder" else "vae")
@@ -57,7 +65,15 @@ class RequestComponents:
         return eager(reason)
 
     def unet(self, shape: Shape) -> Component:
+        if self.loras:
+            return self._pick("unet", shape, self._eager_lora_unet, self.model.with_loras(self.loras))
         return self._pick("unet", shape, lambda why: EagerUNet(self._maybe_compile(self.model.unet()), why))
+
+    def _eager_lora_unet(self, why: str) -> Component:
+        module = self.model.unet()
+        if self.lora_unet is not None:
+            self.lora_unet(module)
+        return EagerUNet(module, f"LoRA: {why}" if why else "LoRA")
 
     def vae_decoder(self, shape: Shape) -> Component:
         return self._pick("vae_decoder", shape, lambda why: EagerVaeDecoder(self.model.vae(), why))
@@ -160,6 +176,8 @@ class ImageService:
         model = self.model(request.model)
         resolved = resolve(request, model.name, model.info.native_size)
         check_response_fits(resolved)
+        if resolved.loras:
+            resolved = replace(resolved, loras=resolve_loras(self.store, resolved.loras))
         return model, resolved
 
     def generate(self, model: LoadedModel, req: ResolvedRequest,
@@ -168,13 +186,18 @@ class ImageService:
         from dts_util.pipeline.encode import encode_pngs, event_strings, info_json
         from dts_util.pipeline.txt2img import Txt2ImgPipeline
 
-        components = RequestComponents(model, self.engines, self.config.torch_compile)
-        result = Txt2ImgPipeline(model, components, should_stop)(req)
+        encoders = model.prompt_encoders().text_encoders
+        with model.lora_applier.applied(req.loras, encoders) as lora_unet:
+            components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_unet)
+            result = Txt2ImgPipeline(model, components, should_stop)(req)
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
         summary = (f"model={model.name} size={width}x{height} batch={req.batch_size}x{req.batch_count} "
                    f"steps={req.steps} sampler={req.sampler.name!r} {backends}")
-        return GenerationOutput(encode_pngs(req, result), info_json(req, result, model.fingerprint),
+        details = {"prediction_type": model.info.prediction_type, "prediction_source": model.info.prediction_source,
+                   "model_file": "single file" if model.info.single_file else "diffusers folder",
+                   "loras": [{"file": lora.name, "weight": lora.weight, "sha256": lora.sha256} for lora in req.loras]}
+        return GenerationOutput(encode_pngs(req, result), info_json(req, result, model.fingerprint, details),
                                 event_strings(result), summary)
 
 

@@ -30,7 +30,7 @@ from dts_util.engines.registry import MANIFEST_FORMAT, EngineRegistry, parse_man
 from dts_util.engines.specs import ComponentSpec, get_spec
 from dts_util.errors import EngineBuildError, InvalidRequest
 from dts_util.models.loader import LoadedModel
-from dts_util.pipeline.components import Shape
+from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
 ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}  # relative L2 against PyTorch fp32
@@ -51,7 +51,8 @@ class BuildJob:
 
     @property
     def label(self) -> str:
-        return f"{self.spec.name} {self.key.resolution} b{self.shape.batch}"
+        text = f" t{self.shape.text_length}" if self.shape.text_length != TOKENS_PER_CHUNK else ""
+        return f"{self.spec.name} {self.key.resolution} b{self.shape.batch}{text}"
 
 
 @dataclass
@@ -84,8 +85,12 @@ def unet_batches(batch_size: int, cfg: str) -> list[int]:
 
 def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]], batch_sizes: list[int],
          backend_name: str = "auto", precision: str = "auto", components: tuple[str, ...] = ("unet", "vae_decoder"),
-         cfg: str = "cfg", device: str | None = None) -> list[BuildJob]:
-    """Every engine the request asks for, each marked with whether it already exists and is valid."""
+         cfg: str = "cfg", device: str | None = None, prompt_chunks: tuple[int, ...] = (1,)) -> list[BuildJob]:
+    """Every engine the request asks for, each marked with whether it already exists and is valid.
+
+    ``prompt_chunks``: UNet engines are built for prompts of each of these many 75-token chunks
+    (text length 77 per chunk); longer prompts run eagerly unless their length has an engine.
+    """
     backend = get_backend(resolve_backend(backend_name))
     device = device or default_build_device(backend.name)
     precision = ("fp16" if backend.name == "tensorrt" else "fp32") if precision == "auto" else precision
@@ -97,8 +102,9 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
         for batch_size in batch_sizes:
             for component in components:
                 batches = unet_batches(batch_size, cfg) if component == "unet" else [batch_size]
-                for batch in batches:
-                    shape = Shape(height // scale, width // scale, batch)
+                lengths = [TOKENS_PER_CHUNK * n for n in prompt_chunks] if component == "unet" else [TOKENS_PER_CHUNK]
+                for batch, text_length in ((b, t) for b in batches for t in lengths):
+                    shape = Shape(height // scale, width // scale, batch, text_length)
                     if (component, shape) in seen:
                         continue
                     seen.add((component, shape))

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 OPSET = 17  # the TorchScript exporter's UNet/VAE export is verified at 17
 EXPORT_TOLERANCE = 1e-3  # relative L2 between ONNX Runtime and PyTorch, both fp32
 MODEL_FILE, DATA_FILE, RECORD_FILE = "model.onnx", "model.onnx.data", "export.json"
+EXPORT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class ExportRecord:
     seconds: float
     bytes: int
     torch_version: str
+    # 2: the UNet's text length is a dynamic axis (long prompts); older exports are made again.
+    format: int = 1
 
 
 def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -71,7 +74,8 @@ def export_component(model: LoadedModel, spec: ComponentSpec, engine_dir: Path,
     """
     final = onnx_dir(engine_dir, model.name, model.fingerprint, spec.name, "fp32")
     record = read_export_record(final)
-    if record is not None and record.model_fingerprint == model.fingerprint and (final / MODEL_FILE).is_file():
+    if record is not None and record.model_fingerprint == model.fingerprint and record.format == EXPORT_FORMAT \
+            and (final / MODEL_FILE).is_file():
         return final / MODEL_FILE, record
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{spec.name}-", dir=final.parent))
@@ -84,7 +88,7 @@ def export_component(model: LoadedModel, spec: ComponentSpec, engine_dir: Path,
                                    f"{rel_l2:.2e} > tolerance {tolerance:.0e}; the export is not usable")
         size = sum(f.stat().st_size for f in tmp.iterdir())
         record = ExportRecord(spec.name, model.fingerprint, OPSET, rel_l2, tolerance,
-                              round(time.perf_counter() - start, 2), size, torch.__version__)
+                              round(time.perf_counter() - start, 2), size, torch.__version__, EXPORT_FORMAT)
         (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
         if final.exists():
             shutil.rmtree(final)  # an export of other weights or a failed record: replace it

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dts_util.pipeline.components import Shape
+from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
 
 MANIFEST_SUFFIX = ".manifest.json"
 ENGINE_SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan"}
@@ -71,5 +71,6 @@ def onnx_dir(engine_dir: Path, model: str, fingerprint: str, component: str, pre
 def engine_paths(engine_dir: Path, key: EngineKey) -> EnginePaths:
     folder = (model_root(engine_dir, key.model, key.fingerprint)
               / f"{key.backend}-{_safe(key.backend_version)}" / _safe(key.device_tag))
-    stem = f"{key.component}-{key.precision}-{key.resolution}-b{key.shape.batch}"
+    text = f"-t{key.shape.text_length}" if key.shape.text_length != TOKENS_PER_CHUNK else ""
+    stem = f"{key.component}-{key.precision}-{key.resolution}-b{key.shape.batch}{text}"
     return EnginePaths(folder / f"{stem}{ENGINE_SUFFIX[key.backend]}", folder / f"{stem}{MANIFEST_SUFFIX}")

@@ -60,7 +60,7 @@ class ComponentSpec:
         spatial = {0: "batch", 2: "height", 3: "width"}
         if self.name == "vae_decoder":
             return {"latent": spatial, "image": {0: "batch", 2: "image_height", 3: "image_width"}}
-        axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+        axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "sequence"},
                 "noise_pred": spatial}
         if info.family == "sdxl":
             axes.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
@@ -71,7 +71,7 @@ class ComponentSpec:
         if self.name == "vae_decoder":
             return {"latent": (b, info.vae_config.get("latent_channels", 4), h, w)}
         shapes = {"sample": (b, info.latent_channels, h, w), "timestep": (b,),
-                  "encoder_hidden_states": (b, 77, int(info.unet_config["cross_attention_dim"]))}
+                  "encoder_hidden_states": (b, shape.text_length, int(info.unet_config["cross_attention_dim"]))}
         if info.family == "sdxl":
             pooled = int(info.unet_config["projection_class_embeddings_input_dim"]) \
                 - 6 * int(info.unet_config["addition_time_embed_dim"])
@@ -87,7 +87,8 @@ class ComponentSpec:
 
     def free_dimensions(self, shape: Shape) -> dict[str, int]:
         """Values of the symbolic axes for one engine (ONNX Runtime's free-dimension overrides)."""
-        return {"batch": shape.batch, "height": shape.latent_height, "width": shape.latent_width}
+        dims = {"batch": shape.batch, "height": shape.latent_height, "width": shape.latent_width}
+        return dims if self.name == "vae_decoder" else {**dims, "sequence": shape.text_length}
 
     def sample_inputs(self, info: ModelInfo, shape: Shape, seed: int = 0,
                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

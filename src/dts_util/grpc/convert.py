@@ -11,7 +11,8 @@ from dts_util.service import GenerationOutput
 
 def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
     """Field for field: the domain request keeps the protocol's names and its 0-means-default rule."""
-    return GenerationRequest(**{f.name: getattr(message, f.name) for f in fields(GenerationRequest)})
+    values = {f.name: getattr(message, f.name) for f in fields(GenerationRequest) if f.name != "loras"}
+    return GenerationRequest(**values, loras=tuple((lora.file, lora.weight) for lora in message.loras))
 
 
 def generation_response(output: GenerationOutput) -> pb.ImageGenerationResponse:

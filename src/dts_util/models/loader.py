@@ -1,9 +1,11 @@
-"""Loading Stable Diffusion 1.x / 2.x and SDXL models from the diffusers on-disk layout.
+"""Loading Stable Diffusion 1.x / 2.x and SDXL models: diffusers folders and single-file checkpoints.
 
 This is the one path every model takes, the built-in one included: the real
-diffusers/transformers ``from_pretrained`` of each component folder. Components
-load lazily and one at a time, because when a compiled engine serves the UNet the
-eager UNet must never be resident beside it.
+diffusers/transformers ``from_pretrained`` of each component folder, or, for a
+single ``.safetensors``/``.ckpt`` checkpoint, diffusers' ``from_single_file`` with
+a config folder built from the checkpoint's shapes (``checkpoint.py``), offline.
+Components load lazily and one at a time, because when a compiled engine serves
+the UNet the eager UNet must never be resident beside it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ class ModelInfo:
     unet_config: dict
     vae_config: dict
     scheduler_config: dict
+    # Single-file checkpoints: the diffusers config folder diffusers loads the file's weights into.
+    config_dir: Path | None = None
+    prediction_source: str = "model config"
+
+    @property
+    def single_file(self) -> bool:
+        return self.config_dir is not None
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -55,8 +68,34 @@ class ModelInfo:
         return int(self.unet_config.get("in_channels", 4))
 
 
-def inspect_model(name: str, path: Path) -> ModelInfo:
-    """Read a model folder's configs and decide its family; loads no weights."""
+def inspect_checkpoint(name: str, path: Path, config_cache: Path) -> ModelInfo:
+    """Decide a single-file checkpoint's family, architecture and prediction type from its shapes and
+    sidecars, and build its config folder; reads no tensor data (a ``.ckpt`` is unpickled safely)."""
+    from dataclasses import replace
+
+    from dts_util.models import checkpoint
+
+    architecture = checkpoint.detect(checkpoint.cached_shapes(path), name)
+    kind, source, variant = checkpoint.prediction_type(path, architecture)
+    overrides = {**architecture.overrides, "scheduler": {"prediction_type": kind}}
+    folder = checkpoint.config_folder(replace(architecture, variant=variant, overrides=overrides), config_cache)
+    info = ModelInfo(
+        name=name, path=path, family="sdxl" if architecture.family == "sdxl" else "sd",
+        unet_config=read_json_file(folder / "unet" / "config.json", f"{name} (unet config)"),
+        vae_config=read_json_file(folder / "vae" / "config.json", f"{name} (vae config)"),
+        scheduler_config=read_json_file(folder / "scheduler" / "scheduler_config.json", f"{name} (scheduler)"),
+        config_dir=folder, prediction_source=source,
+    )
+    _check_sizes(info)
+    return info
+
+
+def inspect_model(name: str, path: Path, config_cache: Path | None = None) -> ModelInfo:
+    """Read a model's configs and decide its family; loads no weights."""
+    if path.is_file():
+        if config_cache is None:
+            raise ModelLoadError(f"model {quote(name)} is a single file, and no config cache was given")
+        return inspect_checkpoint(name, path, config_cache)
     index = read_model_index(path, name)
     class_name = index.get("_class_name", "")
     if class_name in SDXL_PIPELINES or "text_encoder_2" in index:
@@ -94,6 +133,9 @@ def _check_sizes(info: ModelInfo) -> None:
 def model_stamp(path: Path) -> tuple:
     """Names, sizes and modification times of a model's config and weight files: cheap to take, and
     different whenever a file was replaced, so a loaded model can tell it is out of date."""
+    if path.is_file():  # a checkpoint and its sidecars
+        files = [path, path.with_suffix(".yaml"), path.with_name(path.name + ".dts.json")]
+        return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
     stamp = []
     for file in sorted(path.rglob("*")):
         if file.suffix in (*WEIGHT_SUFFIXES, ".json") and not file.name.startswith("."):
@@ -106,19 +148,22 @@ def model_stamp(path: Path) -> tuple:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """Every weight file of a model folder, in a stable order."""
+    """Every weight file of a model folder (or the checkpoint itself), in a stable order."""
+    if path.is_file():
+        return [path]
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
                   and not p.name.startswith("."))
 
 
 def model_fingerprint(path: Path, cache_file: Path | None = None) -> str:
-    """SHA-256 over a model's weight files (names and bytes).
+    """SHA-256 over a model's weight files (names and bytes); of a single-file checkpoint, the file's SHA-256.
 
     Hashing SD1.5's 4 GB takes seconds, so results are cached in ``cache_file``
     keyed by each file's size and modification time; a changed file is rehashed.
     """
     files = weight_files(path)
-    stamp = [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stamp = [[f.name if path.is_file() else str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
+             for f in files]
     key = str(path.resolve())
     cache: dict[str, Any] = {}
     if cache_file is not None and cache_file.is_file():
@@ -130,7 +175,8 @@ def model_fingerprint(path: Path, cache_file: Path | None = None) -> str:
         return cache[key]["sha256"]
     digest = hashlib.sha256()
     for f in files:
-        digest.update(str(f.relative_to(path)).encode() + b"\0")
+        if not path.is_file():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
         with f.open("rb") as fh:
             while block := fh.read(1 << 22):
                 digest.update(block)
@@ -166,6 +212,8 @@ class LoadedModel:
     device: str
     dtype: Any
     fingerprint_cache: Path | None = None
+    # LoRAs fused into this model's UNet for good (a view for building and finding LoRA engines).
+    loras: tuple = ()
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
@@ -176,9 +224,27 @@ class LoadedModel:
 
     @property
     def fingerprint(self) -> str:
+        """What engines are keyed by: the weights' SHA-256, combined with the LoRA set when there is one."""
+        from dts_util.models.lora import lora_set_fingerprint
+
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.info.path, self.fingerprint_cache)
-        return self._fingerprint
+        return lora_set_fingerprint(self._fingerprint, self.loras)
+
+    def with_loras(self, loras: tuple) -> "LoadedModel":
+        """This model with ``loras`` applied to its UNet: its own components, its own fingerprint."""
+        from dataclasses import replace
+
+        return replace(self, loras=tuple(loras), _parts={}, _lock=threading.RLock())
+
+    @property
+    def lora_applier(self):
+        from dts_util.models.lora import LoraApplier
+
+        with self._lock:
+            if "lora_applier" not in self._parts:
+                self._parts["lora_applier"] = LoraApplier(self.info.family)
+            return self._parts["lora_applier"]
 
     def _load(self, key: str, loader) -> Any:
         with self._lock:
@@ -196,14 +262,41 @@ class LoadedModel:
     def _from_pretrained(self, cls, subfolder: str) -> Any:
         _quiet_hf_progress()
         with _LOAD_LOCK:
-            module = cls.from_pretrained(self.info.path, subfolder=subfolder, torch_dtype=self.dtype,
-                                         local_files_only=True)
+            if self.info.single_file:
+                module = cls.from_single_file(str(self.info.path), config=str(self.info.config_dir),
+                                              subfolder=subfolder, torch_dtype=self.dtype, local_files_only=True)
+            else:
+                module = cls.from_pretrained(self.info.path, subfolder=subfolder, torch_dtype=self.dtype,
+                                             local_files_only=True)
         return module.to(self.device).eval().requires_grad_(False)
+
+    def _single_file_text_encoders(self) -> list[Any]:
+        """A checkpoint's text encoders, through the pipeline-level loader (the models themselves have no
+        single-file loader); the UNet and VAE are skipped here and load on their own when needed."""
+        import diffusers
+
+        _quiet_hf_progress()
+        pipeline_class = diffusers.StableDiffusionXLPipeline if self.info.family == "sdxl" \
+            else diffusers.StableDiffusionPipeline
+        skip = {"unet": None, "vae": None, "scheduler": None}
+        if self.info.family != "sdxl":
+            skip.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        with _LOAD_LOCK:
+            pipeline = pipeline_class.from_single_file(str(self.info.path), config=str(self.info.config_dir),
+                                                       torch_dtype=self.dtype, local_files_only=True, **skip)
+        names = ["text_encoder", "text_encoder_2"] if self.info.family == "sdxl" else ["text_encoder"]
+        return [getattr(pipeline, n).to(self.device).eval().requires_grad_(False) for n in names]
 
     def unet(self) -> Any:
         from diffusers import UNet2DConditionModel
 
-        return self._load("unet", lambda: self._from_pretrained(UNet2DConditionModel, "unet"))
+        def load() -> Any:
+            module = self._from_pretrained(UNet2DConditionModel, "unet")
+            if self.loras:
+                self.lora_applier.activate(self.loras, module, [])
+            return module
+
+        return self._load("unet", load)
 
     def vae(self) -> Any:
         from diffusers import AutoencoderKL
@@ -223,18 +316,21 @@ class LoadedModel:
     def unload_all(self) -> None:
         """Drop every loaded component (the model left the server's cache)."""
         with self._lock:
-            self._parts.clear()
+            self._parts = {}
             _empty_device_cache(self.device)
 
     def prompt_encoders(self) -> PromptEncoders:
         def load() -> PromptEncoders:
             from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-            tokenizers = [AutoTokenizer.from_pretrained(self.info.path, subfolder="tokenizer", local_files_only=True)]
+            folder = self.info.config_dir or self.info.path  # tokenizers: shipped with the configs, or the model's
+            subfolders = ["tokenizer", "tokenizer_2"] if self.info.family == "sdxl" else ["tokenizer"]
+            tokenizers = [AutoTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True)
+                          for sub in subfolders]
+            if self.info.single_file:
+                return PromptEncoders(tokenizers, self._single_file_text_encoders())
             encoders = [self._from_pretrained(CLIPTextModel, "text_encoder")]
             if self.info.family == "sdxl":
-                tokenizers.append(AutoTokenizer.from_pretrained(self.info.path, subfolder="tokenizer_2",
-                                                                local_files_only=True))
                 encoders.append(self._from_pretrained(CLIPTextModelWithProjection, "text_encoder_2"))
             return PromptEncoders(tokenizers, encoders)
 
@@ -263,6 +359,17 @@ def default_dtype(device: str) -> Any:
     return torch.float16 if device.startswith("cuda") else torch.float32
 
 
-def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | None = None) -> LoadedModel:
-    """Inspect a diffusers model folder; components load on first use."""
-    return LoadedModel(inspect_model(name, path), device, default_dtype(device), fingerprint_cache)
+def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | None = None,
+               config_cache: Path | None = None) -> LoadedModel:
+    """Inspect a diffusers model folder or a checkpoint file; components load on first use.
+
+    Args:
+        config_cache: where config folders of single-file checkpoints are built (default: beside the
+            fingerprint cache).
+    """
+    if config_cache is None:
+        import tempfile
+
+        config_cache = (fingerprint_cache.parent if fingerprint_cache is not None
+                        else Path(tempfile.gettempdir()) / "dts-util") / "single-file-configs"
+    return LoadedModel(inspect_model(name, path, config_cache), device, default_dtype(device), fingerprint_cache)

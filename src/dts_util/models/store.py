@@ -159,18 +159,29 @@ class ModelStore:
     # -- models ------------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
-        """Models GenerateImage can serve: folders in the diffusers layout (with model_index.json)."""
-        names = []
-        for index in sorted(self.root.glob(f"**/{MODEL_INDEX}")):
-            folder = index.parent
-            if any(part.startswith(".") for part in folder.relative_to(self.root).parts):
+        """Models GenerateImage can serve: folders in the diffusers layout (with model_index.json), and
+        single-file checkpoints anywhere outside them, named by their path in the store."""
+        from dts_util.models.checkpoint import CHECKPOINT_SUFFIXES, looks_like_checkpoint
+
+        folders, files = [], []
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            relative = Path(folder).relative_to(self.root)
+            if MODEL_INDEX in names:
+                folders.append(relative.as_posix())
+                dirs[:] = []  # a diffusers folder's weight files are its parts, not models
                 continue
-            names.append(folder.relative_to(self.root).as_posix())
-        return names
+            files += [Path(folder, n) for n in names if n.endswith(CHECKPOINT_SUFFIXES) and not n.startswith(".")]
+        files = [f for f in files if looks_like_checkpoint(f)]
+        return sorted(folders + [f.relative_to(self.root).as_posix() for f in files])
 
     def model_path(self, name: str) -> Path | None:
-        """The folder of model ``name`` if it is a loadable diffusers folder, else None."""
+        """The folder (or checkpoint file) of model ``name`` if it is one, else None."""
+        from dts_util.models.checkpoint import CHECKPOINT_SUFFIXES, looks_like_checkpoint
+
         path = self.resolve(name)
+        if path.is_file() and path.name.endswith(CHECKPOINT_SUFFIXES) and looks_like_checkpoint(path):
+            return path
         return path if (path / MODEL_INDEX).is_file() else None
 
     def canonical_model(self, name: str) -> tuple[str, Path]:

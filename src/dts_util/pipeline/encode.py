@@ -28,6 +28,10 @@ def infotext(req: ResolvedRequest, seed: int) -> str:
     }
     if req.batch_size > 1:
         fields["Batch size"] = req.batch_size
+    if req.clip_skip > 1:
+        fields["Clip skip"] = req.clip_skip
+    if req.loras:
+        fields["LoRA"] = ", ".join(f"{lora.name}: {lora.weight:g}" for lora in req.loras)
     if req.enable_hr:
         width, height = req.output_size
         fields.update({"Denoising strength": f"{req.denoising_strength:g}",
@@ -52,8 +56,13 @@ def encode_pngs(req: ResolvedRequest, result: GenerationResult) -> list[bytes]:
     return [to_png(image, infotext(req, seed)) for image, seed in zip(result.images, result.seeds)]
 
 
-def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint: str = "") -> str:
-    """Every effective parameter of the request, plus which backend ran what and how long it took."""
+def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint: str = "",
+              model_details: dict | None = None) -> str:
+    """Every effective parameter of the request, plus which backend ran what and how long it took.
+
+    ``model_details``: how the model was read (prediction type and where it came from, file kind), and
+    the LoRAs applied.
+    """
     width, height = req.output_size
     info = {
         "model": req.model,
@@ -77,6 +86,11 @@ def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint:
         "hr_scale": req.hr_scale if req.enable_hr else None,
         "denoising_strength": req.denoising_strength if req.enable_hr else None,
         "restore_faces": False,
+        "clip_skip": req.clip_skip,
+        "prompt_tokens": result.prompt.get("tokens", {}),
+        "prompt_chunks": result.prompt.get("chunks", 1),
+        "text_length": result.prompt.get("text_length", 77),
+        **(model_details or {}),
         "backends": {"text_encoder": "eager", **result.backends},
         "timings_ms": result.timings_ms,
         "version": __version__,

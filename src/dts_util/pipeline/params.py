@@ -11,8 +11,10 @@ import math
 import random
 from dataclasses import dataclass
 
+from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest
 from dts_util.limits import MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_SAMPLER_CHARS
+from dts_util.pipeline.prompts import extract_lora_tags
 from dts_util.pipeline.samplers import Sampler, find_sampler
 
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -26,6 +28,9 @@ DEFAULT_STRENGTH = 0.7
 DEFAULT_HR_SCALE = 2.0
 MAX_HR_SCALE = 4.0
 MAX_SEED = 2**63 - 1 - MAX_BATCH_SIZE * MAX_BATCH_COUNT
+MAX_CLIP_SKIP = 12
+MAX_LORAS = 8
+MAX_LORA_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,17 @@ class GenerationRequest:
     batch_count: int = 0
     model: str = ""
     hr_scale: float = 0.0
+    clip_skip: int = 0
+    loras: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One LoRA as the request names it: a store path (or an A1111 tag's name) and a weight."""
+
+    name: str
+    weight: float
+    from_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,9 @@ class ResolvedRequest:
     enable_hr: bool
     hr_scale: float
     denoising_strength: float
+    clip_skip: int = 1
+    # Non-zero LoRAs, as named (resolved to store files by the service); the prompt has its tags removed.
+    loras: tuple[LoraRequest, ...] = ()
 
     @property
     def use_cfg(self) -> bool:
@@ -115,6 +134,28 @@ def check_text_fields(req: GenerationRequest) -> None:
         length = len(getattr(req, name))
         if length > limit:
             raise InvalidRequest(f"{name} has {length} characters; send at most {limit}")
+    if len(req.loras) > MAX_LORAS:
+        raise InvalidRequest(f"loras has {len(req.loras)} entries; send at most {MAX_LORAS}")
+    for file, _ in req.loras:
+        if len(file) > MAX_PATH_CHARS:
+            raise InvalidRequest(f"a LoRA file name has {len(file)} characters; send at most {MAX_PATH_CHARS}")
+
+
+def _loras(req: GenerationRequest) -> tuple[str, tuple[LoraRequest, ...]]:
+    """The prompt without its <lora:...> tags, and every LoRA of the request with a non-zero weight
+    (weight 0 changes nothing, so it is not applied at all: the image is exactly the base model's)."""
+    prompt, tags = extract_lora_tags(req.prompt)
+    loras = [LoraRequest(file, weight) for file, weight in req.loras]
+    loras += [LoraRequest(tag.name, tag.weight, from_prompt=True) for tag in tags]
+    if len(loras) > MAX_LORAS:
+        raise InvalidRequest(f"the request names {len(loras)} LoRAs (field and prompt tags); at most {MAX_LORAS}")
+    for lora in loras:
+        if not math.isfinite(lora.weight) or abs(lora.weight) > MAX_LORA_WEIGHT:
+            raise InvalidRequest(f"LoRA {quote(lora.name)} has weight {lora.weight}; send a number in "
+                                 f"-{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}")
+        if not lora.name.strip():
+            raise InvalidRequest("a LoRA has an empty file name")
+    return prompt, tuple(lora for lora in loras if lora.weight != 0)
 
 
 def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedRequest:
@@ -148,9 +189,11 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
             if hr_dimension(size, hr_scale) > MAX_SIZE:
                 raise InvalidRequest(f"high-res fix would make {name} {hr_dimension(size, hr_scale)} "
                                      f"(> {MAX_SIZE}); lower hr_scale or {name}")
+    _in_range("clip_skip", req.clip_skip, 0, MAX_CLIP_SKIP, " (0 or 1 = the model's default layer)")
+    prompt, loras = _loras(req)
     return ResolvedRequest(
-        model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
+        model=model, prompt=prompt, negative_prompt=req.negative_prompt, width=width, height=height,
         steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler),
         batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
-        hr_scale=hr_scale, denoising_strength=strength,
+        hr_scale=hr_scale, denoising_strength=strength, clip_skip=max(1, req.clip_skip), loras=loras,
     )

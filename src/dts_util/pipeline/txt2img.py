@@ -20,6 +20,7 @@ from dts_util.errors import GenerationCancelled
 from dts_util.models.loader import LoadedModel
 from dts_util.pipeline.components import Component, ComponentProvider, Shape, describe_backend
 from dts_util.pipeline.params import ResolvedRequest
+from dts_util.pipeline.prompts import TokenChunks, pad_to_chunks, tokenize_chunks
 from dts_util.pipeline.samplers import make_scheduler, step_accepts_generator
 
 
@@ -50,6 +51,7 @@ class GenerationResult:
     backends: dict[str, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
+    prompt: dict[str, Any] = field(default_factory=dict)  # token counts, chunks, clip skip
 
 
 @dataclass
@@ -58,6 +60,8 @@ class PromptEmbeddings:
 
     hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None = None  # SDXL pooled embeddings
+    token_counts: dict[str, int] = field(default_factory=dict)  # text tokens of prompt and negative prompt
+    chunks: int = 1
 
 
 def never_stop() -> bool:
@@ -87,6 +91,8 @@ class Txt2ImgPipeline:
         # 1. Encode the prompts once; every pass reuses them.
         with timer("text_encode"):
             embeddings = self.encode_prompt(req)
+        result.prompt = {"tokens": embeddings.token_counts, "chunks": embeddings.chunks,
+                         "text_length": embeddings.hidden_states.shape[1], "clip_skip": req.clip_skip}
         events.emit("textEncoded")
 
         # 2. Each of batch_count passes denoises batch_size images, image i seeded with seed + i.
@@ -120,34 +126,54 @@ class Txt2ImgPipeline:
         return images
 
     def encode_prompt(self, req: ResolvedRequest) -> PromptEmbeddings:
-        """Token ids -> hidden states (and SDXL's pooled embeddings), uncond stacked before cond for CFG."""
-        cond, cond_pooled = self._encode_text(req.prompt)
-        embeds = [cond]
-        pooled = [cond_pooled]
+        """Prompts -> hidden states (and SDXL's pooled embeddings), uncond stacked before cond for CFG.
+
+        Each prompt is read in 75-token chunks with A1111 emphasis (``prompts.py``); a prompt
+        and its negative are padded to the same number of chunks.
+        """
+        encoders = self.model.prompt_encoders()
+        texts = [req.negative_prompt, req.prompt] if req.use_cfg else [req.prompt]
+        per_encoder = [[tokenize_chunks(tok, text) for text in texts] for tok in encoders.tokenizers]
+        chunks = max(len(c.ids) for tokenized in per_encoder for c in tokenized)
+        hidden, pooled = [], []
+        for index in range(len(texts)):
+            states, text_pooled = self._encode_chunks(
+                encoders, [pad_to_chunks(t[index], chunks, tokenize_chunks(tok, "")) for t, tok in
+                           zip(per_encoder, encoders.tokenizers)], req.clip_skip)
+            hidden.append(states)
+            pooled.append(text_pooled)
+        counts = {"prompt": per_encoder[0][-1].token_count}
         if req.use_cfg:
-            uncond, uncond_pooled = self._encode_text(req.negative_prompt)
-            embeds, pooled = [uncond, cond], [uncond_pooled, cond_pooled]
-        hidden = torch.cat([e.repeat(req.batch_size, 1, 1) for e in embeds])
-        if self.model.info.family != "sdxl":
-            return PromptEmbeddings(hidden)
-        text_embeds = torch.cat([p.repeat(req.batch_size, 1) for p in pooled])
-        return PromptEmbeddings(hidden, text_embeds)
+            counts["negative_prompt"] = per_encoder[0][0].token_count
+        dropped = max(t.dropped for t in per_encoder[0])
+        if dropped:
+            counts["not_read"] = dropped  # past MAX_CHUNKS chunks
+        hidden_states = torch.cat([h.repeat(req.batch_size, 1, 1) for h in hidden])
+        text_embeds = None
+        if self.model.info.family == "sdxl":
+            text_embeds = torch.cat([p.repeat(req.batch_size, 1) for p in pooled])
+        return PromptEmbeddings(hidden_states, text_embeds, counts, chunks)
 
     @torch.inference_mode()
-    def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        encoders = self.model.prompt_encoders()
-        hidden_states, pooled = [], None
-        for tokenizer, encoder in zip(encoders.tokenizers, encoders.text_encoders):
-            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+    def _encode_chunks(self, encoders: Any, tokenized: list[TokenChunks],
+                       clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One prompt's chunks through every text encoder: (1, 77 x chunks, width) and SDXL's pooled vector."""
+        widths, pooled = [], None
+        for chunks, encoder in zip(tokenized, encoders.text_encoders):
+            ids = torch.tensor(chunks.ids, device=self.device)
+            out = encoder(ids, output_hidden_states=True)
             if self.model.info.family == "sdxl":
-                # SDXL conditions on the penultimate layer of both encoders, pooled from the second.
-                out = encoder(ids, output_hidden_states=True)
-                hidden_states.append(out.hidden_states[-2])
-                pooled = out[0]
+                # SDXL conditions on the penultimate layer of both encoders (clip skip counts on from
+                # there), pooled from the second encoder's first chunk.
+                states = out.hidden_states[-1 - clip_skip]
+                pooled = out[0][:1]
+            elif clip_skip > 1:
+                states = encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
             else:
-                hidden_states.append(encoder(ids)[0])
-        return torch.cat(hidden_states, dim=-1).to(self.dtype), pooled
+                states = out[0]
+            widths.append(_apply_weights(states, torch.tensor(chunks.weights, device=self.device)))
+        hidden = torch.cat(widths, dim=-1)  # (chunks, 77, width)
+        return hidden.reshape(1, -1, hidden.shape[-1]).to(self.dtype), pooled
 
     def _time_ids(self, width: int, height: int, batch: int) -> torch.Tensor:
         # (original size, crop top-left, target size): no crop, trained-size conditioning.
@@ -175,7 +201,8 @@ class Txt2ImgPipeline:
             latents = scheduler.add_noise(initial, noise, timesteps[:1])
 
         cfg_batch = 2 if req.use_cfg else 1
-        unet = self.components.unet(Shape(shape[2], shape[3], shape[0] * cfg_batch))
+        text_length = embeddings.hidden_states.shape[1]
+        unet = self.components.unet(Shape(shape[2], shape[3], shape[0] * cfg_batch, text_length))
         backends[backend_key] = describe_backend(unet)
         extra = self._unet_extras(embeddings, width, height)
         step_kwargs = {"generator": generators} if step_accepts_generator(scheduler) else {}
@@ -212,6 +239,15 @@ class Txt2ImgPipeline:
         pixels = decoder(latent=latents / scaling)
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def _apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 emphasis: scale each token's hidden state by its weight, then restore each chunk's mean."""
+    if bool((weights == 1.0).all()):
+        return states  # no emphasis: leave the encoder's output exactly as it is
+    weighted = states * weights[..., None].to(states.dtype)
+    original_mean = states.mean(dim=(1, 2), keepdim=True)
+    return weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
 
 
 def img2img_start_step(steps: int, strength: float) -> int:

@@ -1,0 +1,235 @@
+"""LoRA files from the model store, applied per request through diffusers' PEFT integration.
+
+A request names LoRAs by store path (the ``loras`` field) or by A1111 tag
+(``<lora:name:weight>``, looked up as ``name``, ``name.safetensors``, and the same
+under ``loras/``, ``Lora/`` and ``models/Lora/``). Files in the kohya/A1111 format
+(and diffusers' own) are read by diffusers' ``lora_state_dict``. A LoRA file is
+loaded into the eager modules once, as a named adapter, and stays there: each
+request activates its own set with its weights and deactivates it afterwards,
+so the next request sees the base weights exactly.
+
+Engines hold base weights; ``lora_set_fingerprint`` keys engines built with a
+fixed LoRA set (``build-engines --lora file:weight``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from dts_util.client_text import quote
+from dts_util.errors import DtsError, ModelLoadError, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+LORA_FOLDERS = ("", "loras/", "Lora/", "models/Lora/")
+# Adapters kept loaded in one module; the least recently used is deleted beyond this.
+MAX_CACHED_ADAPTERS = 8
+_LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora.down", "lora.up", "lora_A", "lora_B", "lora_unet_", "lora_te")
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    """A LoRA file of the store and the weight to apply it with."""
+
+    name: str  # path relative to the store
+    path: Path
+    sha256: str
+    weight: float
+
+    @property
+    def adapter(self) -> str:
+        return f"dts_{self.sha256[:16]}"
+
+
+def _candidates(name: str, from_prompt: bool) -> list[str]:
+    if not from_prompt:
+        return [name]
+    stems = [name] if name.endswith(".safetensors") else [name, f"{name}.safetensors"]
+    return [f"{folder}{stem}" for folder in LORA_FOLDERS for stem in stems]
+
+
+def resolve_loras(store: Any, requested: tuple) -> tuple[ResolvedLora, ...]:
+    """Store files for the request's LoRAs (``params.LoraRequest``), checked to be LoRA files."""
+    resolved = []
+    for lora in requested:
+        path = None
+        for candidate in _candidates(lora.name, lora.from_prompt):
+            try:
+                found = store.resolve(candidate)
+            except DtsError:
+                if not lora.from_prompt:
+                    raise
+                continue
+            if found.is_file():
+                path = found
+                break
+        if path is None:
+            where = "loras/ (or Lora/) of the model store" if lora.from_prompt else "the model store"
+            raise ModelNotFound(f"LoRA {quote(lora.name)} is not in {where}; upload it first")
+        _check_lora_file(path, lora.name)
+        resolved.append(ResolvedLora(store.relative(path), path, file_sha256(path), lora.weight))
+    return tuple(resolved)
+
+
+def _check_lora_file(path: Path, name: str) -> None:
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"LoRA {quote(name)} is not a .safetensors file; dts-util reads LoRAs in the "
+                             "kohya/A1111 or diffusers .safetensors format")
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            keys = json.loads(fh.read(min(length, 100 * 1024 * 1024))).keys()
+    except (OSError, ValueError, struct.error, AttributeError):
+        raise ModelLoadError(f"LoRA {quote(name)} is not a readable safetensors file") from None
+    if not any(marker in key for key in keys for marker in _LORA_KEY_MARKERS):
+        raise ModelLoadError(f"{quote(name)} is not a LoRA file (no lora_up/lora_down or lora_A/lora_B tensors)")
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered while its size and modification time stay the same."""
+    info = path.stat()
+    key = (str(path), info.st_size, info.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def lora_set_fingerprint(model_fingerprint: str, loras: tuple[ResolvedLora, ...]) -> str:
+    """The fingerprint of a model's weights with ``loras`` fused in: what engines for that set are keyed by."""
+    if not loras:
+        return model_fingerprint
+    parts = [model_fingerprint] + sorted(f"{lora.sha256}:{lora.weight!r}" for lora in loras)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _loader_class(family: str):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    return StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
+
+
+class LoraApplier:
+    """Loads LoRA files into a model's eager modules as adapters, and switches them per request.
+
+    Args:
+        family: "sd" or "sdxl" (which text encoders a LoRA may touch).
+    """
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._lock = threading.Lock()
+
+    def _state_dict(self, lora: ResolvedLora) -> tuple[dict, Any]:
+        try:
+            state_dict, alphas = _loader_class(self.family).lora_state_dict(str(lora.path))[:2]
+        except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
+            raise ModelLoadError(f"LoRA {quote(lora.name)} cannot be read as a LoRA for this model "
+                                 f"({type(exc).__name__}); is it for another model family?") from None
+        return state_dict, alphas
+
+    def _ensure_loaded(self, lora: ResolvedLora, unet: Any | None, text_encoders: list[Any]) -> None:
+        """Load ``lora`` into every given module that does not have it yet."""
+        pending = [m for m in [unet, *text_encoders] if m is not None and lora.adapter not in _adapters(m)]
+        if not pending:
+            return
+        cls = _loader_class(self.family)
+        state_dict, alphas = self._state_dict(lora)
+        try:
+            if unet is not None and unet in pending:
+                _evict_if_full(unet)
+                cls.load_lora_into_unet(state_dict, alphas, unet, adapter_name=lora.adapter)
+                _adapters(unet)[lora.adapter] = True
+            for index, encoder in enumerate(text_encoders):
+                if encoder not in pending:
+                    continue
+                prefix = "text_encoder" if index == 0 else "text_encoder_2"
+                has_keys = any(k.startswith(f"{prefix}.") for k in state_dict)
+                if has_keys:
+                    _evict_if_full(encoder)
+                    cls.load_lora_into_text_encoder(state_dict, alphas, encoder, prefix=prefix,
+                                                    adapter_name=lora.adapter)
+                _adapters(encoder)[lora.adapter] = has_keys
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise ModelLoadError(f"LoRA {quote(lora.name)} does not fit this model ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]})") from None
+        log.info("loaded LoRA %r as adapter %s", lora.name, lora.adapter)
+
+    def activate(self, loras: tuple[ResolvedLora, ...], unet: Any | None, text_encoders: list[Any]) -> None:
+        """Load (once) and switch on ``loras`` with their weights in the given modules."""
+        with self._lock:
+            for lora in loras:
+                self._ensure_loaded(lora, unet, text_encoders)
+            names, weights = [lora.adapter for lora in loras], [lora.weight for lora in loras]
+            if unet is not None:
+                unet.set_adapters(names, weights=weights)
+            for encoder in text_encoders:
+                active = [(n, w) for n, w in zip(names, weights) if _adapters(encoder).get(n)]
+                if active:
+                    from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+
+                    set_adapters_for_text_encoder([n for n, _ in active], encoder, [w for _, w in active])
+
+    @contextmanager
+    def applied(self, loras: tuple[ResolvedLora, ...], text_encoders: list[Any]) -> Iterator[Any]:
+        """``loras`` on in the text encoders for the ``with`` block, and in the eager UNet once it is handed
+        to the callable this yields; everything is switched off again at the end."""
+        unets: list[Any] = []
+
+        def for_unet(unet: Any) -> None:
+            self.activate(loras, unet, [])
+            unets.append(unet)
+
+        if loras:
+            self.activate(loras, None, text_encoders)
+        try:
+            yield for_unet
+        finally:
+            if loras:
+                deactivate(unets[0] if unets else None, text_encoders)
+
+
+def deactivate(unet: Any | None, text_encoders: list[Any]) -> None:
+    """Base weights again: every adapter of these modules switched off (they stay loaded for later)."""
+    if unet is not None and _adapters(unet):
+        unet.disable_lora()
+    for encoder in text_encoders:
+        if any(_adapters(encoder).values()):
+            from diffusers.loaders.lora_base import disable_lora_for_text_encoder
+
+            disable_lora_for_text_encoder(encoder)
+
+
+def _adapters(module: Any) -> dict[str, bool]:
+    """Adapters loaded into ``module`` (name -> whether it has any weights there), in load order."""
+    if not hasattr(module, "_dts_lora_adapters"):
+        module._dts_lora_adapters = {}
+    return module._dts_lora_adapters
+
+
+def _evict_if_full(module: Any) -> None:
+    loaded = _adapters(module)
+    while len(loaded) >= MAX_CACHED_ADAPTERS:
+        name, has_weights = next(iter(loaded.items()))
+        if has_weights:
+            if hasattr(module, "delete_adapters"):
+                module.delete_adapters(name)
+            else:
+                from diffusers.loaders.lora_base import delete_adapter_layers
+
+                delete_adapter_layers(module, name)
+        del loaded[name]
