@@ -383,6 +383,9 @@ def build_engines(
         show_default="unet and vae_decoder")] = None,
     cfg: Annotated[CfgChoice, typer.Option(help="UNet batches for guided (cfg_scale > 1), unguided, or both.",
                                            rich_help_panel=BUILD)] = CfgChoice.cfg,
+    lora: Annotated[Optional[list[str]], typer.Option(
+        help="FILE:WEIGHT of a LoRA in the model store to fuse into the UNet engines; repeatable. Requests "
+             "with exactly this LoRA set then run on them.", show_default="none", rich_help_panel=BUILD)] = None,
     prompt_chunks: Annotated[str, typer.Option(
         help="UNet text lengths to build, in 75-token prompt chunks, comma-separated (1 = up to 75 tokens, "
              "2 = up to 150, ...).", rich_help_panel=BUILD)] = "1",
@@ -401,6 +404,9 @@ def build_engines(
         sizes = [parse_resolution(r) for r in resolution] if resolution else \
             [(loaded.info.native_size, loaded.info.native_size)]
         components = tuple(c.value for c in component) if component else ("unet", "vae_decoder")
+        if lora:
+            loaded = loaded.with_loras(_resolve_build_loras(lora, model_path))
+            components = ("unet",)  # LoRAs change the UNet only: the base VAE decoder engines serve them too
         with err.status("fingerprinting model weights…"):
             jobs = plan(loaded, engines, sizes, batch_size, backend.value, precision.value, components, cfg.value,
                         prompt_chunks=_parse_chunks(prompt_chunks))
@@ -414,6 +420,22 @@ def build_engines(
     _print_build_table(results, engines)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(code=1)
+
+
+def _resolve_build_loras(specs: list[str], model_path: Optional[Path]) -> tuple:
+    from dts_util.errors import InvalidRequest
+    from dts_util.models.lora import resolve_loras
+    from dts_util.models.store import ModelStore
+    from dts_util.pipeline.params import LoraRequest
+
+    requests = []
+    for spec in specs:
+        name, _, weight = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+        try:
+            requests.append(LoraRequest(name, float(weight)))
+        except ValueError:
+            raise InvalidRequest(f"--lora {spec!r}: give FILE:WEIGHT, e.g. loras/style.safetensors:0.8") from None
+    return resolve_loras(ModelStore(model_path or default_model_dir()), tuple(requests))
 
 
 def _parse_chunks(text: str) -> tuple[int, ...]:

@@ -73,7 +73,9 @@ class RequestComponents:
         module = self.model.unet()
         if self.lora_unet is not None:
             self.lora_unet(module)
-        return EagerUNet(module, f"LoRA: {why}" if why else "LoRA")
+        # Engines built for other LoRA sets (or none) show up as stale here; what matters is that none
+        # was built for this one.
+        return EagerUNet(module, "LoRA: no engine for this LoRA set" if why else "LoRA")
 
     def vae_decoder(self, shape: Shape) -> Component:
         return self._pick("vae_decoder", shape, lambda why: EagerVaeDecoder(self.model.vae(), why))

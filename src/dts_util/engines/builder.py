@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -206,8 +206,7 @@ def _manifest(job: BuildJob, model: LoadedModel, files: list[Path], input_shapes
         "precision": job.precision,
         "device": info,
         "device_fingerprint": device_fingerprint(info),
-        "shape": {"latent_height": job.shape.latent_height, "latent_width": job.shape.latent_width,
-                  "batch": job.shape.batch},
+        "shape": asdict(job.shape),
         "resolution": job.key.resolution,
         "input_shapes": {name: list(dims) for name, dims in input_shapes.items()},
         "output_name": job.spec.output_names()[0],

@@ -61,7 +61,7 @@ class EngineManager:
                 if runner is not None:
                     return runner, ""
                 reasons.append(f"engine {record.engine_path.name} unreadable")
-        reason = "; ".join(reasons) or f"no engine for {shape.describe(model.info.vae_scale_factor)}"
+        reason = "; ".join(dict.fromkeys(reasons)) or f"no engine for {shape.describe(model.info.vae_scale_factor)}"
         if self.builds is not None:
             if self.builds.request(model, component, shape):
                 reason += "; background build queued"

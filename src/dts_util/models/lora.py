@@ -113,7 +113,8 @@ def lora_set_fingerprint(model_fingerprint: str, loras: tuple[ResolvedLora, ...]
     """The fingerprint of a model's weights with ``loras`` fused in: what engines for that set are keyed by."""
     if not loras:
         return model_fingerprint
-    parts = [model_fingerprint] + sorted(f"{lora.sha256}:{lora.weight!r}" for lora in loras)
+    # Weights as 4 decimals: a weight sent as a protobuf float (0.800000011920929) is the 0.8 given to build-engines.
+    parts = [model_fingerprint] + sorted(f"{lora.sha256}:{lora.weight:.4f}" for lora in loras)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -176,13 +177,19 @@ class LoraApplier:
                 self._ensure_loaded(lora, unet, text_encoders)
             names, weights = [lora.adapter for lora in loras], [lora.weight for lora in loras]
             if unet is not None:
+                unet.enable_lora()  # set_adapters alone leaves layers switched off by an earlier request
                 unet.set_adapters(names, weights=weights)
             for encoder in text_encoders:
                 active = [(n, w) for n, w in zip(names, weights) if _adapters(encoder).get(n)]
                 if active:
-                    from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+                    from diffusers.loaders.lora_base import enable_lora_for_text_encoder, set_adapters_for_text_encoder
 
+                    enable_lora_for_text_encoder(encoder)
                     set_adapters_for_text_encoder([n for n, _ in active], encoder, [w for _, w in active])
+                elif any(_adapters(encoder).values()):
+                    from diffusers.loaders.lora_base import disable_lora_for_text_encoder
+
+                    disable_lora_for_text_encoder(encoder)  # none of this request's LoRAs touch it
 
     @contextmanager
     def applied(self, loras: tuple[ResolvedLora, ...], text_encoders: list[Any]) -> Iterator[Any]:

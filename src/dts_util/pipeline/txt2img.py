@@ -168,7 +168,9 @@ class Txt2ImgPipeline:
                 states = out.hidden_states[-1 - clip_skip]
                 pooled = out[0][:1]
             elif clip_skip > 1:
-                states = encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+                # transformers 5 flattened CLIPTextModel: the final norm may sit on the model itself
+                final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+                states = final_norm(out.hidden_states[-clip_skip])
             else:
                 states = out[0]
             widths.append(_apply_weights(states, torch.tensor(chunks.weights, device=self.device)))
