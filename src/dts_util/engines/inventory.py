@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dts_util.engines.backends import available_backend_versions
 from dts_util.engines.device import device_fingerprint, device_info
-from dts_util.engines.paths import fingerprint_cache
+from dts_util.engines.paths import fingerprint_cache, safe_name
 from dts_util.engines.registry import EngineRecord, EngineRegistry
 from dts_util.errors import DtsError
 from dts_util.models.loader import model_fingerprint
@@ -66,7 +66,7 @@ def remove_exports(engine_dir: Path, model: str | None) -> int:
     """Remove ONNX exports (of one model, or all); returns how many folders went."""
     removed = 0
     for model_root in engine_dir.iterdir() if engine_dir.is_dir() else ():
-        if model is not None and model_root.name.rsplit("-", 1)[0] != model:
+        if model is not None and model_root.name.rsplit("-", 1)[0] != safe_name(model):
             continue
         # ONNX exports, and the onnxruntime backend's fused copies of them
         for folder in [*model_root.glob("onnx/*"), *model_root.glob("*/*/fused/*")]:

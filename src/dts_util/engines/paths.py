@@ -24,9 +24,12 @@ MANIFEST_SUFFIX = ".manifest.json"
 ENGINE_SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan"}
 
 
-def _safe(text: str) -> str:
-    """A path component that is safe on any filesystem."""
+def safe_name(text: str) -> str:
+    """A path component that is safe on any filesystem (model names may hold '/')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
+
+
+_safe = safe_name
 
 
 @dataclass(frozen=True)
