@@ -183,3 +183,16 @@ def test_client_sees_same_images_through_the_client_class(store_server, tiny_fil
     shutil.copy(tiny_files["sd1.safetensors"], store_server.service.store.root / "cli.safetensors")
     with Client(store_server.target, 300) as client:
         assert client.generate(model="cli.safetensors", **REQUEST).images
+
+
+def test_a_checkpoint_can_be_the_default_model(make_server, tiny_files, model_store, tmp_path) -> None:
+    from tests.conftest import fresh_store
+
+    root = fresh_store(model_store, tmp_path / "default")
+    (root / "checkpoints").mkdir()
+    shutil.copy(tiny_files["sdxl.safetensors"], root / "checkpoints/xl.safetensors")
+    server = make_server(model_dir=root, default_model="./checkpoints/xl.safetensors")
+    with server.client(timeout=300) as client:
+        info = json.loads(client.generate(prompt="x", width=64, height=64, steps=2, seed=1).info)
+        assert client.echo().default_model == "./checkpoints/xl.safetensors"
+    assert info["model"] == "checkpoints/xl.safetensors" and info["model_file"] == "single file"

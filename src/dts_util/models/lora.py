@@ -19,6 +19,7 @@ import json
 import logging
 import struct
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,14 @@ class LoraApplier:
             return
         cls = _loader_class(self.family)
         state_dict, alphas = self._state_dict(lora)
+        with warnings.catch_warnings():
+            # Several adapters in one module is the design here (each LoRA file is one, switched per request).
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self._load_into(cls, lora, state_dict, alphas, unet, text_encoders, pending)
+        log.info("loaded LoRA %r as adapter %s", lora.name, lora.adapter)
+
+    def _load_into(self, cls: Any, lora: ResolvedLora, state_dict: dict, alphas: Any, unet: Any | None,
+                   text_encoders: list[Any], pending: list[Any]) -> None:
         try:
             if unet is not None and unet in pending:
                 _evict_if_full(unet)
@@ -168,7 +177,6 @@ class LoraApplier:
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ModelLoadError(f"LoRA {quote(lora.name)} does not fit this model ({type(exc).__name__}: "
                                  f"{str(exc)[:200]})") from None
-        log.info("loaded LoRA %r as adapter %s", lora.name, lora.adapter)
 
     def activate(self, loras: tuple[ResolvedLora, ...], unet: Any | None, text_encoders: list[Any]) -> None:
         """Load (once) and switch on ``loras`` with their weights in the given modules."""
