@@ -141,6 +141,9 @@ def serve(
                                                rich_help_panel=SERVE)] = BUILTIN_MODEL_NAME,
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda, cuda:1 ...",
                                         rich_help_panel=SERVE)] = "auto",
+    dtype: Annotated[str, typer.Option(help="Eager weights: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, "
+                                            "or bf16 (CPUs with AVX512_BF16/AMX: about 2x fp32).",
+                                       rich_help_panel=SERVE)] = "auto",
     max_queue: Annotated[int, typer.Option(help="Generations allowed to wait behind the running one.",
                                            rich_help_panel=LIMITS)] = 8,
     max_upload_bytes: Annotated[int, typer.Option(help="Largest file UploadFile accepts, in bytes.",
@@ -194,7 +197,7 @@ def serve(
             address=address or (ADDRESS_WITH_AUTH if token or no_auth else LOOPBACK_ADDRESS), port=port,
             max_queue=max_queue, max_upload_bytes=max_upload_bytes, max_store_bytes=max_store_bytes,
             min_free_disk_bytes=min_free_disk, max_concurrent_uploads=max_concurrent_uploads,
-            upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=device,
+            upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=device, dtype=dtype,
             build_missing=build_missing, torch_compile=torch_compile, auth_token=token, allow_no_auth=no_auth,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
         asyncio.run(_serve(config, engines))
@@ -326,10 +329,9 @@ def files_exist(
         raise typer.Exit(code=1)
 
 
-class BackendChoice(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
+from dts_util.engines.backends import BACKENDS as _BACKENDS  # noqa: E402 - a small table, no runtime imports
+
+BackendChoice = Enum("BackendChoice", {name: name for name in ("auto", *_BACKENDS)}, type=str)
 
 
 class PrecisionChoice(str, Enum):
@@ -374,9 +376,11 @@ def build_engines(
         show_default="the model's native size")] = None,
     batch_size: Annotated[list[int], typer.Option(help="Images per pass; repeatable. The UNet is built at 2x "
                                                        "this with CFG.", rich_help_panel=BUILD)] = [1],
-    backend: Annotated[BackendChoice, typer.Option(help="auto = tensorrt with a CUDA GPU, else onnxruntime.",
+    backend: Annotated[BackendChoice, typer.Option(help="auto = tensorrt on a CUDA machine where it runs; on the CPU openvino when installed, "
+                                                        "else onnxruntime.",
                                                    rich_help_panel=BUILD)] = BackendChoice.auto,
-    precision: Annotated[PrecisionChoice, typer.Option(help="auto = fp16 for tensorrt, fp32 for onnxruntime.",
+    precision: Annotated[PrecisionChoice, typer.Option(help="auto = fp16 for tensorrt; bf16 for openvino on CPUs with AVX512_BF16 or AMX; fp32 "
+                                                            "otherwise.",
                                                        rich_help_panel=BUILD)] = PrecisionChoice.auto,
     component: Annotated[Optional[list[ComponentChoice]], typer.Option(
         help="Components to build; repeatable.", rich_help_panel=BUILD,

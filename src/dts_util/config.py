@@ -72,6 +72,7 @@ class ServerConfig:
         upload_idle_timeout: seconds an upload may go without data before it is aborted.
         max_loaded_models: models kept in memory at once (least recently used ones go first).
         device: torch device for eager components ("auto" picks cuda when present).
+        dtype: eager weights' dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16.
         build_missing: queue a background engine build for shapes that had none.
         torch_compile: wrap eager UNet/VAE in torch.compile.
         auth_token: bearer token every RPC but health checking must carry ("" = none).
@@ -93,6 +94,7 @@ class ServerConfig:
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S
     max_loaded_models: int = DEFAULT_MAX_LOADED_MODELS
     device: str = "auto"
+    dtype: str = "auto"
     build_missing: bool = False
     torch_compile: bool = False
     auth_token: str = field(default="", repr=False)
@@ -127,6 +129,23 @@ class ServerConfig:
 
         return UploadPolicy(max_file_bytes=self.max_upload_bytes, max_store_bytes=self.max_store_bytes,
                             min_free_bytes=self.min_free_disk_bytes, max_concurrent=self.max_concurrent_uploads)
+
+
+def check_dtype(dtype: str, device: str) -> None:
+    """Refuse an eager dtype the device cannot compute well: bf16 on a CPU without AVX512_BF16/AMX
+    runs far slower than fp32, and fp16 on the CPU is both slow and lossy."""
+    from dts_util.errors import StartupError
+
+    if dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise StartupError(f"--dtype {dtype}: choose auto, fp32, fp16 or bf16")
+    if device.startswith("cuda"):
+        return
+    from dts_util.engines.device import cpu_has_bf16
+
+    if dtype == "bf16" and not cpu_has_bf16():
+        raise StartupError("--dtype bf16 needs a CPU with AVX512_BF16 or AMX; this one has neither (use fp32)")
+    if dtype == "fp16":
+        raise StartupError("--dtype fp16 is for CUDA devices; on the CPU use fp32, or bf16 where supported")
 
 
 def resolve_device(device: str) -> str:

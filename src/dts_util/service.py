@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from dts_util.config import ServerConfig, resolve_device
+from dts_util.config import ServerConfig, check_dtype, resolve_device
 from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
 from dts_util.errors import RequestTooLarge
@@ -106,6 +106,7 @@ class ImageService:
         self.config = config
         self.store = ModelStore(config.model_dir, config.upload_policy)
         self.device = resolve_device(config.device)
+        check_dtype(config.dtype, self.device)
         self.engines = engines
         # Canonical model name -> loaded model, least recently used first.
         self._models: OrderedDict[str, _CachedModel] = OrderedDict()
@@ -138,7 +139,8 @@ class ImageService:
             if cached is not None:
                 log.info("files of model %r changed; loading it again", canonical)
                 self._drop(canonical)
-            model = load_model(canonical, path, self.device, fingerprint_cache=fingerprint_cache(self.config.engine_dir))
+            model = load_model(canonical, path, self.device, fingerprint_cache=fingerprint_cache(self.config.engine_dir),
+                               dtype=self.config.dtype)
             self._models[canonical] = _CachedModel(stamp, model)
             while len(self._models) > self.config.max_loaded_models:
                 self._drop(next(iter(self._models)), why="least recently used")

@@ -22,7 +22,7 @@ def cpu_model(model_store: ModelStore) -> LoadedModel:
 @pytest.fixture(scope="session")
 def built_engines(cpu_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     engine_dir = tmp_path_factory.mktemp("built-engines")
-    for job in plan(cpu_model, engine_dir, BUILT_SIZES, [1]):
+    for job in plan(cpu_model, engine_dir, BUILT_SIZES, [1], backend_name="onnxruntime"):
         assert build(job, cpu_model, engine_dir).status == "built"
     return engine_dir
 

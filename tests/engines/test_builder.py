@@ -10,7 +10,7 @@ from dts_util.errors import BackendUnavailable, EngineBuildError, InvalidRequest
 
 
 def test_plan_builds_unet_at_cfg_batch_and_vae_at_image_batch(cpu_model, tmp_path) -> None:
-    jobs = plan(cpu_model, tmp_path, [(512, 256)], [2])
+    jobs = plan(cpu_model, tmp_path, [(512, 256)], [2], backend_name="onnxruntime")
     assert [(j.spec.name, j.key.resolution, j.shape.batch) for j in jobs] == \
         [("unet", "512x256", 4), ("vae_decoder", "512x256", 2)]
     assert jobs[0].shape.latent_width == 64 and jobs[0].shape.latent_height == 32
@@ -22,15 +22,15 @@ def test_unet_batches() -> None:
 
 
 def test_valid_engines_are_skipped(cpu_model, built_engines) -> None:
-    jobs = plan(cpu_model, built_engines, [(128, 128)], [1])
+    jobs = plan(cpu_model, built_engines, [(128, 128)], [1], backend_name="onnxruntime")
     assert [j.skip_reason for j in jobs] == ["valid engine exists"] * 2
     assert all(build(j, cpu_model, built_engines).status == "skipped" for j in jobs)
 
 
 def test_truncated_engine_is_rebuilt(cpu_model, engine_dir) -> None:
-    job = plan(cpu_model, engine_dir, [(128, 128)], [1], components=("vae_decoder",))[0]
+    job = plan(cpu_model, engine_dir, [(128, 128)], [1], components=("vae_decoder",), backend_name="onnxruntime")[0]
     job.paths.engine.write_bytes(job.paths.engine.read_bytes()[:100])
-    job = plan(cpu_model, engine_dir, [(128, 128)], [1], components=("vae_decoder",))[0]
+    job = plan(cpu_model, engine_dir, [(128, 128)], [1], components=("vae_decoder",), backend_name="onnxruntime")[0]
     assert job.skip_reason == ""
     result = build(job, cpu_model, engine_dir)
     assert result.status == "built" and result.rel_l2 < 1e-3
@@ -43,15 +43,25 @@ def test_bad_resolutions(text: str) -> None:
         parse_resolution(text)
 
 
-def test_auto_backend_and_unavailable_tensorrt() -> None:
+def test_auto_backend_and_unavailable_tensorrt(monkeypatch) -> None:
+    import torch
+
+    from dts_util.engines import backends
+
     if tensorrt_available()[0]:
         assert resolve_backend("auto") == "tensorrt"
         return
-    assert resolve_backend("auto") == "onnxruntime"
+    expected = "onnxruntime" if torch.cuda.is_available() or not backends.openvino_available()[0] else "openvino"
+    assert resolve_backend("auto") == expected
+    monkeypatch.setattr(backends, "openvino_available", lambda: (False, "not installed"))
+    monkeypatch.setitem(backends.AVAILABILITY, "openvino", backends.openvino_available)
+    assert resolve_backend("auto") == "onnxruntime"  # the CPU falls back when openvino is missing
+    with pytest.raises(BackendUnavailable, match="backend 'openvino' cannot run here: not installed"):
+        resolve_backend("openvino")
     with pytest.raises(BackendUnavailable, match="backend 'tensorrt' cannot run here"):
         resolve_backend("tensorrt")
     with pytest.raises(BackendUnavailable, match="unknown backend"):
-        resolve_backend("openvino")
+        resolve_backend("coreml")
 
 
 def test_onnxruntime_refuses_fp16(cpu_model, tmp_path) -> None:
@@ -91,7 +101,7 @@ def test_failed_fusion_falls_back_to_the_unfused_graph(cpu_model, tmp_path, monk
         raise TypeError("optimizer broke")
 
     monkeypatch.setattr(ort_backend, "_optimize", broken)
-    job = plan(cpu_model, tmp_path, [(64, 64)], [1], components=("unet",))[0]
+    job = plan(cpu_model, tmp_path, [(64, 64)], [1], components=("unet",), backend_name="onnxruntime")[0]
     with caplog.at_level(logging.WARNING):
         result = build(job, cpu_model, tmp_path)
     assert result.status == "built" and result.rel_l2 < 1e-3

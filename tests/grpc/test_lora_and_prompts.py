@@ -136,7 +136,7 @@ def test_engines_for_a_lora_set_and_for_two_chunks(lora_server) -> None:
     from dts_util.engines.manager import EngineManager
 
     root, engines = lora_server.service.store.root, Path(lora_server.config.engine_dir)
-    common = ["--model-path", str(root), "--engine-dir", str(engines), "--resolution", "64x64"]
+    common = ["--model-path", str(root), "--engine-dir", str(engines), "--resolution", "64x64", "--backend", "onnxruntime"]
     built = CliRunner().invoke(app, ["build-engines", "--prompt-chunks", "1,2", *common])
     assert built.exit_code == 0, built.output
     assert "t154" in built.output or built.output.count("built") >= 3

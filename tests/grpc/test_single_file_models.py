@@ -117,7 +117,7 @@ def test_engines_for_an_uploaded_checkpoint(store_server, tiny_files, tmp_path) 
     with store_server.client(timeout=300) as client:
         client.upload(tiny_files["sd1.safetensors"], name)
     engines = Path(store_server.config.engine_dir)
-    result = CliRunner().invoke(app, ["build-engines", "--model", name, "--resolution", "64x64",
+    result = CliRunner().invoke(app, ["build-engines", "--model", name, "--resolution", "64x64", "--backend", "onnxruntime",
                                       "--model-path", str(store_server.service.store.root),
                                       "--engine-dir", str(engines)])
     assert result.exit_code == 0, result.output

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from dts_util import __version__
-from dts_util.engines.backends import get_backend, resolve_backend
+from dts_util.engines.backends import get_backend, resolve_backend, resolve_precision
 from dts_util.engines.backends.base import Backend
 from dts_util.engines.device import device_fingerprint, device_info, device_tag
 from dts_util.engines.export import export_component, relative_l2
@@ -93,7 +93,7 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
     """
     backend = get_backend(resolve_backend(backend_name))
     device = device or default_build_device(backend.name)
-    precision = ("fp16" if backend.name == "tensorrt" else "fp32") if precision == "auto" else precision
+    precision = resolve_precision(backend.name, precision)
     backend.check_precision(precision, device)
     info = device_info(device)
     scale = model.info.vae_scale_factor
@@ -118,10 +118,12 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
 
 
 def default_build_device(backend: str) -> str:
-    """Where engines of ``backend`` will run: TensorRT on the GPU; ONNX Runtime on the GPU only
-    when onnxruntime-gpu's CUDA provider is installed (and torch sees a GPU), else on the CPU."""
-    if backend == "tensorrt":
-        return "cuda"
+    """Where engines of ``backend`` will run: TensorRT on the GPU, OpenVINO on the CPU; ONNX Runtime
+    on the GPU only when onnxruntime-gpu's CUDA provider is installed (and torch sees a GPU)."""
+    from dts_util.engines.backends import ENTRIES
+
+    if backend != "onnxruntime":
+        return "cuda" if ENTRIES[backend].gpu else "cpu"
     from dts_util.engines.backends.onnxruntime import providers_for
 
     return "cuda" if torch.cuda.is_available() and providers_for("cuda")[0] == "CUDAExecutionProvider" else "cpu"

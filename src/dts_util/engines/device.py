@@ -42,6 +42,12 @@ def device_info(device: str) -> dict:
     return {"kind": "cpu", "name": name, "machine": platform.machine(), "isa": flags}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), where bf16 engines and eager bf16 pay."""
+    _, flags = _cpu_model_and_flags()
+    return "avx512_bf16" in flags or "amx_tile" in flags
+
+
 def device_fingerprint(info: dict) -> str:
     """A stable string: equal fingerprints mean an engine built on one runs on the other."""
     if info["kind"] == "cuda":

@@ -59,7 +59,9 @@ def remove_engine(record: EngineRecord) -> None:
     """Manifest first: from then on no server will pick the engine up, whatever is left."""
     record.manifest_path.unlink(missing_ok=True)
     record.engine_path.unlink(missing_ok=True)
-    record.engine_path.with_name(record.engine_path.name + ".data").unlink(missing_ok=True)
+    record.engine_path.with_name(record.engine_path.name + ".data").unlink(missing_ok=True)  # onnxruntime's weights
+    if record.engine_path.suffix == ".xml":
+        record.engine_path.with_suffix(".bin").unlink(missing_ok=True)  # OpenVINO IR's weights
 
 
 def remove_exports(engine_dir: Path, model: str | None) -> int:

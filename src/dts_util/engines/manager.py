@@ -21,7 +21,7 @@ from dts_util.engines.backends.base import Runner
 from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.registry import EngineRecord, EngineRegistry
 from dts_util.models.loader import LoadedModel
-from dts_util.pipeline.components import Shape
+from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
 PREFERENCE = {name: rank for rank, name in enumerate(BACKENDS)}  # tensorrt first
@@ -151,7 +151,8 @@ class BackgroundBuilds:
                 # cfg="no-cfg" makes the planned UNet batch exactly the requested one.
                 jobs = plan(source, self.engine_dir, [(shape.latent_width * scale, shape.latent_height * scale)],
                             [shape.batch], components=(component,), cfg="no-cfg",
-                            device=model.device if model.device.startswith("cuda") else None)
+                            device=model.device if model.device.startswith("cuda") else None,
+                            prompt_chunks=(max(1, shape.text_length // TOKENS_PER_CHUNK),))
                 for job in jobs:
                     build(job, source, self.engine_dir)
             except Exception:

@@ -21,7 +21,6 @@ from pathlib import Path
 from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
 
 MANIFEST_SUFFIX = ".manifest.json"
-ENGINE_SUFFIX = {"onnxruntime": ".onnx", "tensorrt": ".plan"}
 
 
 def safe_name(text: str) -> str:
@@ -76,4 +75,7 @@ def engine_paths(engine_dir: Path, key: EngineKey) -> EnginePaths:
               / f"{key.backend}-{_safe(key.backend_version)}" / _safe(key.device_tag))
     text = f"-t{key.shape.text_length}" if key.shape.text_length != TOKENS_PER_CHUNK else ""
     stem = f"{key.component}-{key.precision}-{key.resolution}-b{key.shape.batch}{text}"
-    return EnginePaths(folder / f"{stem}{ENGINE_SUFFIX[key.backend]}", folder / f"{stem}{MANIFEST_SUFFIX}")
+    from dts_util.engines.backends import ENTRIES
+
+    suffix = ENTRIES[key.backend].engine_suffix
+    return EnginePaths(folder / f"{stem}{suffix}", folder / f"{stem}{MANIFEST_SUFFIX}")

@@ -353,14 +353,20 @@ def _empty_device_cache(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def default_dtype(device: str) -> Any:
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def default_dtype(device: str, dtype: str = "auto") -> Any:
+    """The torch dtype of eager weights: ``auto`` is fp16 on CUDA and fp32 on the CPU."""
     import torch
 
-    return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
 def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | None = None,
-               config_cache: Path | None = None) -> LoadedModel:
+               config_cache: Path | None = None, dtype: str = "auto") -> LoadedModel:
     """Inspect a diffusers model folder or a checkpoint file; components load on first use.
 
     Args:
@@ -372,4 +378,4 @@ def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | Non
 
         config_cache = (fingerprint_cache.parent if fingerprint_cache is not None
                         else Path(tempfile.gettempdir()) / "dts-util") / "single-file-configs"
-    return LoadedModel(inspect_model(name, path, config_cache), device, default_dtype(device), fingerprint_cache)
+    return LoadedModel(inspect_model(name, path, config_cache), device, default_dtype(device, dtype), fingerprint_cache)

@@ -1,23 +1,35 @@
-"""Engine backends behind one small interface (``base.py``).
+"""Engine backends behind one small interface (``base.py``), described in one table.
 
 Each backend module is the only importer of its runtime (``tensorrt``,
-``onnxruntime``), and imports it lazily, so dts-util starts and serves eagerly on
-machines where neither is installed.
+``openvino``, ``onnxruntime``) and imports it lazily, so dts-util starts and serves
+eagerly on machines where none is installed. ``BACKEND_TABLE`` says, per backend,
+where it lives, what its engine files end with, how to tell whether it can run
+here, and which precision it builds by default; its order is the preference when
+several engines fit a request.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
 from dts_util.errors import BackendUnavailable
 
-BACKENDS = ("tensorrt", "onnxruntime")
+
+def _imports(module: str) -> tuple[bool, str]:
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return False, f"the {module} package does not import ({exc})"
+    return True, ""
 
 
 def tensorrt_available() -> tuple[bool, str]:
     """(True, "") when tensorrt imports and torch sees a CUDA GPU, else (False, why not)."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as exc:
-        return False, f"the tensorrt package does not import ({exc}); install it from NVIDIA's index"
+    ok, why = _imports("tensorrt")
+    if not ok:
+        return False, f"{why}; install it from NVIDIA's index"
     import torch
 
     if not torch.cuda.is_available():
@@ -25,15 +37,45 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
+def openvino_available() -> tuple[bool, str]:
+    ok, why = _imports("openvino")
+    return (True, "") if ok else (False, f"{why}; `pip install openvino` (or dts-util[openvino])")
+
+
 def onnxruntime_available() -> tuple[bool, str]:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        return False, f"the onnxruntime package does not import ({exc})"
-    return True, ""
+    return _imports("onnxruntime")
 
 
-AVAILABILITY = {"tensorrt": tensorrt_available, "onnxruntime": onnxruntime_available}
+def _openvino_precision() -> str:
+    from dts_util.engines.device import cpu_has_bf16
+
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One backend: its module and class, engine file suffix, availability check, default precision."""
+
+    name: str
+    module: str
+    cls: str
+    engine_suffix: str
+    available: Callable[[], tuple[bool, str]]
+    auto_precision: Callable[[], str]
+    gpu: bool  # runs on CUDA devices (else on the CPU)
+
+
+BACKEND_TABLE = (
+    BackendEntry("tensorrt", "dts_util.engines.backends.tensorrt", "TensorRTBackend", ".plan", tensorrt_available,
+                 lambda: "fp16", gpu=True),
+    BackendEntry("openvino", "dts_util.engines.backends.openvino", "OpenVinoBackend", ".xml", openvino_available,
+                 _openvino_precision, gpu=False),
+    BackendEntry("onnxruntime", "dts_util.engines.backends.onnxruntime", "OnnxRuntimeBackend", ".onnx",
+                 onnxruntime_available, lambda: "fp32", gpu=False),
+)
+BACKENDS = tuple(entry.name for entry in BACKEND_TABLE)
+ENTRIES = {entry.name: entry for entry in BACKEND_TABLE}
+AVAILABILITY = {entry.name: entry.available for entry in BACKEND_TABLE}
 
 
 def available_backend_versions() -> dict[str, str]:
@@ -42,10 +84,15 @@ def available_backend_versions() -> dict[str, str]:
 
 
 def resolve_backend(name: str) -> str:
-    """"auto" -> tensorrt when it can run here, else onnxruntime; a named backend is checked."""
+    """"auto": tensorrt on a CUDA machine where it runs; on the CPU, openvino when installed; else
+    onnxruntime. A named backend is checked."""
     if name == "auto":
-        return "tensorrt" if tensorrt_available()[0] else "onnxruntime"
-    if name not in AVAILABILITY:
+        import torch
+
+        if torch.cuda.is_available():
+            return "tensorrt" if tensorrt_available()[0] else "onnxruntime"
+        return "openvino" if openvino_available()[0] else "onnxruntime"
+    if name not in ENTRIES:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     ok, why = AVAILABILITY[name]()
     if not ok:
@@ -53,12 +100,12 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+def resolve_precision(backend: str, precision: str) -> str:
+    """"auto": fp16 for TensorRT, bf16 for OpenVINO where the CPU has AVX512_BF16 or AMX, else fp32."""
+    return ENTRIES[backend].auto_precision() if precision == "auto" else precision
+
+
 def get_backend(name: str):
-    """The backend module object (``Backend`` instance) for a resolved backend name."""
-    if name == "tensorrt":
-        from dts_util.engines.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend()
-    from dts_util.engines.backends.onnxruntime import OnnxRuntimeBackend
-
-    return OnnxRuntimeBackend()
+    """The ``Backend`` instance for a resolved backend name."""
+    entry = ENTRIES[name]
+    return getattr(importlib.import_module(entry.module), entry.cls)()
