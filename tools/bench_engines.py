@@ -2,10 +2,14 @@
 """Eager PyTorch against every available engine backend, measured in one run on the same inputs.
 
     python tools/bench_engines.py                       # built-in model, native size
-    python tools/bench_engines.py --arch sd15 --resolution 512x512 --e2e-steps 10
+    python tools/bench_engines.py --arch sd15 --resolution 512x512 --e2e-steps 20
 
-For each backend it prints the per-UNet-step median, the VAE decode time, the end-to-end
-image time and the peak memory, each with its ratio to eager. Every backend runs in its
+Variants are ``backend[:precision]``: ``eager`` (fp32), ``eager:bf16``, ``onnxruntime``,
+``openvino:fp32``, ``openvino:bf16``, ``tensorrt:fp16`` ... (default: every one that can
+run here). For each it prints the per-UNet-step median, the VAE decode time, the end-to-end
+image time and the peak memory, each with its ratio to eager fp32, and, with
+``--export-memory``, the peak memory of exporting the UNet to ONNX. The CPU's name and
+vector extensions are printed with the table: compare backends only within one run. Every backend runs in its
 own subprocess, so peak memory is that backend's alone (RSS on the CPU; CUDA peak
 allocation on a GPU, where engine memory outside torch's allocator is not counted).
 Engines are built first (or reused when valid) in --engine-dir.
@@ -100,29 +104,26 @@ def worker(args: argparse.Namespace) -> None:
     from dts_util.pipeline.params import GenerationRequest, resolve
     from dts_util.pipeline.txt2img import Txt2ImgPipeline
 
+    backend, _, precision = args.backend.partition(":")
     store = ModelStore(Path(args.model_dir))
-    model = load_model(args.model, store.model_path(args.model), args.device)
+    model = load_model(args.model, store.model_path(args.model), args.device,
+                       dtype=precision if backend in ("eager", "torch-compile") and precision else "auto")
     width, height = (int(v) for v in args.resolution.split("x"))
     scale = model.info.vae_scale_factor
     unet_shape = Shape(height // scale, width // scale, args.batch_size * 2)
     vae_shape = Shape(height // scale, width // scale, args.batch_size)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    if args.backend in ("eager", "torch-compile"):
+    if backend in ("eager", "torch-compile"):
         unet = EagerUNet(model.unet())
-        if args.backend == "torch-compile":
+        if backend == "torch-compile":
             from dts_util.pipeline.compiled import compiled_module
 
             unet = EagerUNet(compiled_module(model.unet()))
         vae = EagerVaeDecoder(model.vae())
     else:
-        manager = EngineManager(Path(args.engine_dir))
-        unet, why_unet = manager.runner_for(model, "unet", unet_shape)
-        vae, why_vae = manager.runner_for(model, "vae_decoder", vae_shape)
-        if unet is None or vae is None:
-            raise SystemExit(f"{args.backend}: {why_unet or why_vae}")
-        if unet.backend != args.backend:
-            raise SystemExit(f"asked for {args.backend} but the manager chose {unet.backend}")
+        unet, vae = (load_engine(args, model, component, shape, backend, precision)
+                     for component, shape in (("unet", unet_shape), ("vae_decoder", vae_shape)))
 
     unet_inputs = get_spec("unet").sample_inputs(model.info, unet_shape, seed=0, device=args.device,
                                                  dtype=model.dtype)
@@ -153,25 +154,59 @@ def worker(args: argparse.Namespace) -> None:
                       "peak_mb": peak_mb}))
 
 
-def build_engines(args: argparse.Namespace, backend: str) -> None:
-    from dts_util.engines.builder import build, plan
+def load_engine(args: argparse.Namespace, model, component: str, shape, backend: str, precision: str):
+    """The engine of exactly this backend and precision (a server would pick among them by preference)."""
+    from dts_util.engines.backends import get_backend
+    from dts_util.engines.registry import EngineRegistry
+
+    for record in EngineRegistry(Path(args.engine_dir)).matching(model.name, component, shape):
+        if record.backend == backend and (not precision or record.precision == precision) \
+                and record.model_fingerprint == model.fingerprint:
+            return get_backend(backend).load(record.engine_path, record.input_shapes, record.output_name,
+                                             args.device).activate()
+    raise SystemExit(f"no {backend} {precision} engine for {component} {shape.describe()}")
+
+
+def export_peak(args: argparse.Namespace) -> None:
+    """Export the UNet to ONNX in a fresh folder; print this process's peak memory as JSON."""
+    from dts_util.engines.export import export_component
+    from dts_util.engines.specs import get_spec
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
 
     store = ModelStore(Path(args.model_dir))
     model = load_model(args.model, store.model_path(args.model), "cpu")
+    before = peak_rss_mb()
+    with tempfile.TemporaryDirectory(dir=args.engine_dir) as folder:
+        start = time.perf_counter()
+        export_component(model, get_spec("unet"), Path(folder))
+        seconds = time.perf_counter() - start
+    print(json.dumps({"export_peak_mb": peak_rss_mb(), "before_export_mb": before, "export_s": seconds}))
+
+
+def build_engines(args: argparse.Namespace, variant: str) -> None:
+    from dts_util.engines.builder import build, plan
+    from dts_util.models.loader import load_model
+    from dts_util.models.store import ModelStore
+
+    backend, _, precision = variant.partition(":")
+    if backend in ("eager", "torch-compile"):
+        return
+    store = ModelStore(Path(args.model_dir))
+    model = load_model(args.model, store.model_path(args.model), "cpu")
     width, height = (int(v) for v in args.resolution.split("x"))
-    for job in plan(model, Path(args.engine_dir), [(width, height)], [args.batch_size], backend):
+    for job in plan(model, Path(args.engine_dir), [(width, height)], [args.batch_size], backend,
+                    precision or "auto"):
         start = time.perf_counter()
         result = build(job, model, Path(args.engine_dir))
-        print(f"{backend} {job.label}: {result.status} in {time.perf_counter() - start:.1f}s"
+        print(f"{variant} {job.label}: {result.status} in {time.perf_counter() - start:.1f}s"
               + (f", rel L2 {result.rel_l2:.1e}" if result.rel_l2 is not None else ""), file=sys.stderr)
 
 
 def run_worker(args: argparse.Namespace, backend: str) -> dict:
     command = [sys.executable, __file__, "--worker", backend] + [
         f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in ("worker", "backends", "arch", "torch_compile") and value is not None]
+        if key not in ("worker", "backends", "arch", "torch_compile", "export_memory") and value is not None]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"backend": backend, "error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -179,11 +214,14 @@ def run_worker(args: argparse.Namespace, backend: str) -> dict:
 
 
 def available_backends(device: str) -> list[str]:
-    from dts_util.engines.backends import onnxruntime_available, tensorrt_available
+    from dts_util.engines.backends import onnxruntime_available, openvino_available, tensorrt_available
+    from dts_util.engines.device import cpu_has_bf16
 
-    found = []
+    found = ["eager:bf16"] if not device.startswith("cuda") and cpu_has_bf16() else []
     if tensorrt_available()[0] and device.startswith("cuda"):
         found.append("tensorrt")
+    if openvino_available()[0] and not device.startswith("cuda"):
+        found += ["openvino:fp32"] + (["openvino:bf16"] if cpu_has_bf16() else [])
     if onnxruntime_available()[0]:
         from dts_util.engines.builder import default_build_device
 
@@ -198,8 +236,11 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
     header = f"| backend | UNet step ms | x eager | VAE decode ms | x eager | image s ({args.e2e_steps} steps) " \
              f"| x eager | {unit} | x eager |"
+    from dts_util.engines.device import device_info
+
+    cpu = device_info("cpu")
     print(f"\n{args.model} {args.resolution}, batch {args.batch_size} (UNet batch {args.batch_size * 2} with CFG), "
-          f"device {args.device}, {os.cpu_count()} CPU cores")
+          f"device {args.device}, {os.cpu_count()} CPU cores: {cpu['name']} ({', '.join(cpu['isa'])})")
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -225,8 +266,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", help="comma list [default: every available]")
     parser.add_argument("--torch-compile", action="store_true", help="also time eager under torch.compile")
+    parser.add_argument("--export-memory", action="store_true", help="also measure the UNet export's peak memory")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "export":
+        export_peak(args)
+        return
     if args.worker:
         args.backend = args.worker
         worker(args)
@@ -250,6 +295,11 @@ def main() -> None:
         rows.append(run_worker(args, "torch-compile"))
     rows += [run_worker(args, backend) for backend in backends]
     print_table(rows, args)
+    if args.export_memory:
+        export = run_worker(args, "export")
+        print(f"\nUNet export to ONNX: peak RSS {export.get('export_peak_mb', 0):.0f} MB "
+              f"({export.get('before_export_mb', 0):.0f} MB with the model loaded), "
+              f"{export.get('export_s', 0):.0f} s" if "error" not in export else f"\nexport failed: {export['error']}")
 
 
 if __name__ == "__main__":

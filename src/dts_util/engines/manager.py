@@ -24,7 +24,8 @@ from dts_util.models.loader import LoadedModel
 from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
-PREFERENCE = {name: rank for rank, name in enumerate(BACKENDS)}  # tensorrt first
+PREFERENCE = {name: rank for rank, name in enumerate(BACKENDS)}  # tensorrt, openvino, onnxruntime
+PRECISION_PREFERENCE = {"fp16": 0, "bf16": 1, "fp32": 2}
 
 
 class EngineManager:
@@ -77,7 +78,10 @@ class EngineManager:
             else:
                 self.registry.warn_once(record.manifest_path, f"engine ignored: {why}")
                 reasons.append(f"{record.backend} engine stale: {why}")
-        usable.sort(key=lambda r: PREFERENCE.get(r.backend, len(PREFERENCE)))
+        # The fastest first: backends in the table's order, then lower precision (each engine passed its
+        # precision's validation when it was built).
+        usable.sort(key=lambda r: (PREFERENCE.get(r.backend, len(PREFERENCE)),
+                                   PRECISION_PREFERENCE.get(r.precision, len(PRECISION_PREFERENCE))))
         if usable:
             reasons.clear()
         return usable, reasons
