@@ -497,6 +497,18 @@ def _print_build_table(results, engine_dir: Path) -> None:
                       f"{r.seconds:.1f}" if r.seconds else "-",
                       f"{r.rel_l2:.1e}" if r.rel_l2 is not None else "-", status)
     _print_table(table)
+    out.print(f"peak memory of this build (export included): {_peak_rss_mb():.0f} MB", highlight=False)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (what an export or build needed at most)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @engines_app.command("list")

@@ -71,7 +71,7 @@ def test_build_engines_list_and_rm(model_store, tmp_path) -> None:
     assert dry.exit_code == 0 and "unet 64x64 b2: to build" in dry.output
     built = runner.invoke(app, ["build-engines", "--resolution", "64x64", "--resolution", "128x64", *common])
     assert built.exit_code == 0, built.output
-    assert built.output.count("built") >= 4
+    assert built.output.count("built") >= 4 and "peak memory of this build" in built.output
     again = runner.invoke(app, ["build-engines", "--resolution", "64x64", *common])
     assert again.exit_code == 0 and again.output.count("skipped") == 2
     listed = runner.invoke(app, ["engines", "list", *common])

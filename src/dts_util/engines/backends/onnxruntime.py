@@ -138,7 +138,9 @@ class OnnxRuntimeBackend(Backend):
         for dim, value in free_dims.items():
             options.add_free_dimension_override_by_name(dim, value)
         written = [engine_path]
-        if onnx_path.stat().st_size + _external_bytes(onnx_path) > PROTOBUF_LIMIT // 2:
+        # Weights already outside the graph (streamed exports) must be written out again too: left as
+        # they are, the engine would point at the export's data file by a relative name.
+        if _external_bytes(onnx_path) or onnx_path.stat().st_size > PROTOBUF_LIMIT // 2:
             data = engine_path.with_name(engine_path.name + ".data")
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data.name)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
