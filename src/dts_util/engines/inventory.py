@@ -70,8 +70,9 @@ def remove_exports(engine_dir: Path, model: str | None) -> int:
     for model_root in engine_dir.iterdir() if engine_dir.is_dir() else ():
         if model is not None and model_root.name.rsplit("-", 1)[0] != safe_name(model):
             continue
-        # ONNX exports, and the onnxruntime backend's fused copies of them
-        for folder in [*model_root.glob("onnx/*"), *model_root.glob("*/*/fused/*")]:
+        # ONNX exports, the onnxruntime backend's fused copies of them, OpenVINO's compiled-model caches
+        for folder in [*model_root.glob("onnx/*"), *model_root.glob("*/*/fused/*"),
+                       *model_root.glob("*/*/openvino-cache")]:
             shutil.rmtree(folder)
             removed += 1
     return removed
