@@ -269,17 +269,44 @@ def generate(
                   batch_count=batch_count, enable_hr=enable_hr, hr_scale=hr_scale,
                   denoising_strength=denoising_strength, model=model)
     try:
-        with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client, err.status("generating…"):
-            reply = client.generate(**fields)
+        with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client:
+            images, info_text = _generate_with_progress(client, fields)
     except Exception as exc:
         raise _rpc_error(exc, target)
-    info = json.loads(reply.info)
+    info = json.loads(info_text)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for image, image_seed in zip(reply.images, info["seeds"]):
+    for image, image_seed in zip(images, info["seeds"]):
         path = out_dir / f"{image_seed}.png"
         path.write_bytes(image)
         out.print(f"wrote {path}")
     out.print_json(data=info)
+
+
+def _generate_with_progress(client, fields: dict) -> tuple[list[bytes], str]:
+    """Generate through the streaming RPC with a progress bar (any size arrives, in pieces); a server
+    without it gets the unary call."""
+    import grpc
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task("encoding the prompt", total=None)
+
+        def on_event(event: dict, preview: bytes) -> None:
+            name = event.get("event", "")
+            if "total" in event:
+                label = "second pass" if name == "secondPassSampling" else "sampling"
+                progress.update(task, description=label, completed=event.get("step", 0), total=event["total"])
+            elif name in ("imageDecoded", "secondPassImageDecoded"):
+                progress.update(task, description="decoding")
+
+        try:
+            return client.generate_stream(on_event=on_event, **fields)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+    reply = client.generate(**fields)
+    return list(reply.images), reply.info
 
 
 @app.command()

@@ -120,6 +120,22 @@ class Client:
     def generate(self, **fields: object) -> pb.ImageGenerationResponse:
         return self.stub.GenerateImage(pb.ImageGenerationRequest(**fields), timeout=self.timeout)
 
+    def generate_stream(self, on_event: Callable[[dict, bytes], None] | None = None,
+                        **fields: object) -> tuple[list[bytes], str]:
+        """GenerateImageStream: (PNGs, info JSON); ``on_event(event, preview_png)`` sees progress as it comes."""
+        import json
+
+        pieces: dict[int, list[bytes]] = {}
+        info = ""
+        for update in self.stub.GenerateImageStream(pb.ImageGenerationRequest(**fields), timeout=self.timeout):
+            if update.event and on_event is not None:
+                on_event(json.loads(update.event), update.preview)
+            if update.image_data or update.image_done:
+                pieces.setdefault(update.image_index, []).append(update.image_data)
+            if update.info:
+                info = update.info
+        return [b"".join(pieces[index]) for index in sorted(pieces)], info
+
     def upload(self, path: Path, name: str, progress: Callable[[int], None] | None = None,
                overwrite: bool = False) -> pb.UploadFileResponse:
         """Stream ``path`` as ``name``, declaring its size and SHA-256 so the server can check them."""

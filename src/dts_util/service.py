@@ -174,26 +174,42 @@ class ImageService:
             model.fingerprint  # noqa: B018 - computed and cached for engine selection
         log.info("default model %r ready on %s", model.name, self.device)
 
-    def prepare(self, request: GenerationRequest) -> tuple[LoadedModel, ResolvedRequest]:
-        """Check the request against its model; cheap, runs before the request queues."""
+    def prepare(self, request: GenerationRequest, streamed: bool = False) -> tuple[LoadedModel, ResolvedRequest]:
+        """Check the request against its model; cheap, runs before the request queues.
+
+        ``streamed``: the images go out in pieces, so they need not fit one response message.
+        """
         check_text_fields(request)
         model = self.model(request.model)
         resolved = resolve(request, model.name, model.info.native_size)
-        check_response_fits(resolved)
+        if not streamed:
+            check_response_fits(resolved)
         if resolved.loras:
             resolved = replace(resolved, loras=resolve_loras(self.store, resolved.loras))
         return model, resolved
 
-    def generate(self, model: LoadedModel, req: ResolvedRequest,
-                 should_stop: Callable[[], bool]) -> GenerationOutput:
-        """Run one prepared request to the end (or to the first step after ``should_stop``)."""
-        from dts_util.pipeline.encode import encode_pngs, event_strings, info_json
-        from dts_util.pipeline.txt2img import Txt2ImgPipeline
+    def generate(self, model: LoadedModel, req: ResolvedRequest, should_stop: Callable[[], bool],
+                 on_update: Callable[[dict, bytes | None], None] | None = None) -> GenerationOutput:
+        """Run one prepared request to the end (or to the first step after ``should_stop``).
+
+        ``on_update`` gets each progress event as it happens, with a preview PNG on the sampling
+        events of every ``req.preview_every``-th step (called from the generation thread).
+        """
+        from dts_util.pipeline.encode import encode_pngs, event_strings, info_json, latent_preview_png
+        from dts_util.pipeline.txt2img import EventLog, Txt2ImgPipeline
+
+        events, on_preview = None, None
+        if on_update is not None:
+            pending: dict[str, bytes | None] = {}
+            events = EventLog(lambda event: on_update(event, pending.pop("png", None)))
+
+            def on_preview(step: int, latents) -> None:
+                pending["png"] = latent_preview_png(latents, model.info.family)
 
         encoders = model.prompt_encoders().text_encoders
         with model.lora_applier.applied(req.loras, encoders) as lora_unet:
             components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_unet)
-            result = Txt2ImgPipeline(model, components, should_stop)(req)
+            result = Txt2ImgPipeline(model, components, should_stop, on_preview)(req, events)
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
         summary = (f"model={model.name} size={width}x{height} batch={req.batch_size}x{req.batch_count} "

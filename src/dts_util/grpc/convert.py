@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
+from typing import Iterator
 
 from dts_util.grpc.proto import image_generation_pb2 as pb
 from dts_util.pipeline.params import GenerationRequest
@@ -17,6 +19,22 @@ def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
 
 def generation_response(output: GenerationOutput) -> pb.ImageGenerationResponse:
     return pb.ImageGenerationResponse(images=output.images, info=output.info, events=output.events)
+
+
+# Each streamed message stays under the 4 MiB every gRPC client accepts by default.
+IMAGE_PIECE_BYTES = 4 * 1024 * 1024 - 1024
+
+
+def progress_update(event: dict, preview: bytes | None) -> pb.GenerationUpdate:
+    return pb.GenerationUpdate(event=json.dumps(event), preview=preview or b"")
+
+
+def image_pieces(images: list[bytes]) -> Iterator[pb.GenerationUpdate]:
+    for index, png in enumerate(images):
+        starts = range(0, max(len(png), 1), IMAGE_PIECE_BYTES)
+        for start in starts:
+            yield pb.GenerationUpdate(image_index=index, image_data=png[start:start + IMAGE_PIECE_BYTES],
+                                      image_done=start == starts[-1])
 
 
 def echo_response(version: str, models: list[str], default_model: str) -> pb.EchoResponse:

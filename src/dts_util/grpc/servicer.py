@@ -72,6 +72,36 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         request_log()["summary"] = output.summary
         return convert.generation_response(output)
 
+    async def GenerateImageStream(self, request: pb.ImageGenerationRequest,
+                                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerationUpdate]:
+        """GenerateImage, streamed: progress events as they happen, then images in pieces, then the info."""
+        model, resolved = await asyncio.to_thread(self.service.prepare, convert.generation_request(request), True)
+        updates: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_update(event: dict, preview: bytes | None) -> None:  # called from the generation thread
+            loop.call_soon_threadsafe(updates.put_nowait, convert.progress_update(event, preview))
+
+        stop = threading.Event()
+        job = asyncio.ensure_future(self.queue.run(
+            lambda: self.service.generate(model, resolved, stop.is_set, on_update), stop))
+        try:
+            while not job.done() or not updates.empty():
+                next_update = asyncio.ensure_future(updates.get())
+                await asyncio.wait({next_update, job}, return_when=asyncio.FIRST_COMPLETED)
+                if next_update.done():
+                    yield next_update.result()
+                else:
+                    next_update.cancel()
+            output = job.result()
+        except BaseException:
+            job.cancel()  # the queue sets the stop flag; the generation ends at its next step
+            raise
+        request_log()["summary"] = output.summary
+        for update in convert.image_pieces(output.images):
+            yield update
+        yield pb.GenerationUpdate(info=output.info)
+
     async def UploadFile(self, request_iterator: AsyncIterator[pb.UploadFileRequest],
                          context: grpc.aio.ServicerContext) -> pb.UploadFileResponse:
         watch = _CallWatch(context)

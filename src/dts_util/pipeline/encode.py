@@ -100,3 +100,28 @@ def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint:
 
 def event_strings(result: GenerationResult) -> list[str]:
     return [json.dumps(event) for event in result.events]
+
+
+# Linear latent -> RGB approximations (the factors ComfyUI and A1111 use for fast previews): a
+# preview costs a 4x3 matrix product instead of a VAE decode.
+LATENT_RGB = {
+    "sd": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
+    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
+              [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
+}
+
+
+def latent_preview_png(latents, family: str) -> bytes | None:
+    """A small PNG (latent resolution) of the first image's current latents; None for other latent widths."""
+    import torch
+
+    factors, bias = LATENT_RGB.get(family, LATENT_RGB["sd"])
+    latent = latents[0].detach().float().cpu()
+    if latent.shape[0] != len(factors):
+        return None
+    rgb = latent.permute(1, 2, 0) @ torch.tensor(factors) + torch.tensor(bias)
+    pixels = (((rgb + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

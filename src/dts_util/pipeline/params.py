@@ -54,6 +54,7 @@ class GenerationRequest:
     hr_scale: float = 0.0
     clip_skip: int = 0
     loras: tuple[tuple[str, float], ...] = ()
+    preview_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class ResolvedRequest:
     clip_skip: int = 1
     # Non-zero LoRAs, as named (resolved to store files by the service); the prompt has its tags removed.
     loras: tuple[LoraRequest, ...] = ()
+    preview_every: int = 0  # streaming: a latent preview every this many steps (0 = none)
 
     @property
     def use_cfg(self) -> bool:
@@ -190,10 +192,12 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
                 raise InvalidRequest(f"high-res fix would make {name} {hr_dimension(size, hr_scale)} "
                                      f"(> {MAX_SIZE}); lower hr_scale or {name}")
     _in_range("clip_skip", req.clip_skip, 0, MAX_CLIP_SKIP, " (0 or 1 = the model's default layer)")
+    _in_range("preview_every", req.preview_every, 0, MAX_STEPS, " steps (0 = no previews)")
     prompt, loras = _loras(req)
     return ResolvedRequest(
         model=model, prompt=prompt, negative_prompt=req.negative_prompt, width=width, height=height,
         steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler),
         batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
         hr_scale=hr_scale, denoising_strength=strength, clip_skip=max(1, req.clip_skip), loras=loras,
+        preview_every=req.preview_every,
     )

@@ -78,8 +78,10 @@ class Txt2ImgPipeline:
     """
 
     def __init__(self, model: LoadedModel, components: ComponentProvider,
-                 should_stop: Callable[[], bool] = never_stop) -> None:
+                 should_stop: Callable[[], bool] = never_stop,
+                 on_preview: Callable[[int, torch.Tensor], None] | None = None) -> None:
         self.model, self.components, self.should_stop = model, components, should_stop
+        self.on_preview = on_preview  # gets (step, latents) every req.preview_every steps
         self.device, self.dtype = model.device, model.dtype
         self.vae_scale = model.info.vae_scale_factor
 
@@ -212,6 +214,8 @@ class Txt2ImgPipeline:
             if self.should_stop():
                 raise GenerationCancelled("generation cancelled by the client")
             latents = self._step(unet, scheduler, latents, t, embeddings, extra, req, step_kwargs)
+            if self.on_preview is not None and req.preview_every and (i + 1) % req.preview_every == 0:
+                self.on_preview(i + 1, latents)
             events.emit(event, step=i + 1, total=len(timesteps), backend=backends[backend_key])
         return latents
 

@@ -39,7 +39,7 @@ class FilesExistResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[str]] = ..., exists: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageGenerationRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras", "preview_every")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class ImageGenerationRequest(_message.Message):
     HR_SCALE_FIELD_NUMBER: _ClassVar[int]
     CLIP_SKIP_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -74,7 +75,8 @@ class ImageGenerationRequest(_message.Message):
     hr_scale: float
     clip_skip: int
     loras: _containers.RepeatedCompositeFieldContainer[LoraWeight]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ...) -> None: ...
+    preview_every: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("file", "weight")
@@ -117,3 +119,19 @@ class UploadFileResponse(_message.Message):
     size: int
     sha256: str
     def __init__(self, message: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class GenerationUpdate(_message.Message):
+    __slots__ = ("event", "preview", "image_index", "image_data", "image_done", "info")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DONE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    event: str
+    preview: bytes
+    image_index: int
+    image_data: bytes
+    image_done: bool
+    info: str
+    def __init__(self, event: _Optional[str] = ..., preview: _Optional[bytes] = ..., image_index: _Optional[int] = ..., image_data: _Optional[bytes] = ..., image_done: _Optional[bool] = ..., info: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ImageGenerationServiceStub:
                 request_serializer=image__generation__pb2.UploadFileRequest.SerializeToString,
                 response_deserializer=image__generation__pb2.UploadFileResponse.FromString,
                 _registered_method=True)
+        self.GenerateImageStream = channel.unary_stream(
+                '/drawthings.ImageGenerationService/GenerateImageStream',
+                request_serializer=image__generation__pb2.ImageGenerationRequest.SerializeToString,
+                response_deserializer=image__generation__pb2.GenerationUpdate.FromString,
+                _registered_method=True)
 
 
 class ImageGenerationServiceServicer:
@@ -87,6 +92,16 @@ class ImageGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateImageStream(self, request, context):
+        """dts-util extension: GenerateImage, streamed. Progress events (with optional
+        previews) as the generation runs, then each image in pieces of at most
+        4 MiB, then the info: every message fits a client's default 4 MiB limit.
+        A client that cancels stops the generation at the next step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageGenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +124,11 @@ def add_ImageGenerationServiceServicer_to_server(servicer, server):
                     servicer.UploadFile,
                     request_deserializer=image__generation__pb2.UploadFileRequest.FromString,
                     response_serializer=image__generation__pb2.UploadFileResponse.SerializeToString,
+            ),
+            'GenerateImageStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateImageStream,
+                    request_deserializer=image__generation__pb2.ImageGenerationRequest.FromString,
+                    response_serializer=image__generation__pb2.GenerationUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +239,33 @@ class ImageGenerationService:
             '/drawthings.ImageGenerationService/UploadFile',
             image__generation__pb2.UploadFileRequest.SerializeToString,
             image__generation__pb2.UploadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImageStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/drawthings.ImageGenerationService/GenerateImageStream',
+            image__generation__pb2.ImageGenerationRequest.SerializeToString,
+            image__generation__pb2.GenerationUpdate.FromString,
             options,
             channel_credentials,
             insecure,
