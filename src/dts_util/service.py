@@ -241,4 +241,5 @@ def check_response_fits(req: ResolvedRequest) -> None:
     if worst > MAX_RESPONSE_BYTES:
         raise RequestTooLarge(
             f"{images} image(s) of {width}x{height} can take up to {worst / 2**20:.0f} MiB as PNG, more than one "
-            f"response may carry ({MAX_RESPONSE_BYTES // 2**20} MiB); lower batch_size x batch_count or the size")
+            f"response may carry ({MAX_RESPONSE_BYTES // 2**20} MiB); use GenerateImageStream, which sends images in "
+            "pieces, or lower batch_size x batch_count or the size")

@@ -59,7 +59,7 @@ def test_a_large_image_arrives_in_pieces_through_a_default_client(server) -> Non
 def test_the_unary_call_refuses_what_one_message_cannot_carry_and_names_the_stream(client) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         client.generate(prompt="x", width=2048, height=2048, batch_size=8, batch_count=16)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "GenerateImageStream" in caught.value.details()
 
 
 def test_cancelling_the_stream_stops_the_generation(no_queue_server) -> None:
