@@ -73,6 +73,7 @@ class ServerConfig:
         max_loaded_models: models kept in memory at once (least recently used ones go first).
         device: torch device for eager components ("auto" picks cuda when present).
         dtype: eager weights' dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16.
+        png_compression: "fast" (fpng, lossless, ~10x zlib's speed) or a zlib level 0-9 (smaller, slower).
         build_missing: queue a background engine build for shapes that had none.
         torch_compile: wrap eager UNet/VAE in torch.compile.
         auth_token: bearer token every RPC but health checking must carry ("" = none).
@@ -95,6 +96,7 @@ class ServerConfig:
     max_loaded_models: int = DEFAULT_MAX_LOADED_MODELS
     device: str = "auto"
     dtype: str = "auto"
+    png_compression: str = "fast"
     build_missing: bool = False
     torch_compile: bool = False
     auth_token: str = field(default="", repr=False)
@@ -114,6 +116,8 @@ class ServerConfig:
         for name in ("max_store_bytes", "min_free_disk_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.png_compression != "fast" and self.png_compression not in tuple("0123456789"):
+            raise ValueError(f"--png-compression {self.png_compression}: give fast or a zlib level 0-9")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -195,7 +196,7 @@ class ImageService:
         ``on_update`` gets each progress event as it happens, with a preview PNG on the sampling
         events of every ``req.preview_every``-th step (called from the generation thread).
         """
-        from dts_util.pipeline.encode import encode_pngs, event_strings, info_json, latent_preview_png
+        from dts_util.pipeline.encode import encode_images, event_strings, info_json, latent_preview_png
         from dts_util.pipeline.txt2img import EventLog, Txt2ImgPipeline
 
         events, on_preview = None, None
@@ -217,7 +218,10 @@ class ImageService:
         details = {"prediction_type": model.info.prediction_type, "prediction_source": model.info.prediction_source,
                    "model_file": "single file" if model.info.single_file else "diffusers folder",
                    "loras": [{"file": lora.name, "weight": lora.weight, "sha256": lora.sha256} for lora in req.loras]}
-        return GenerationOutput(encode_pngs(req, result), info_json(req, result, model.fingerprint, details),
+        start = time.perf_counter()
+        images = encode_images(req, result, self.config.png_compression)
+        result.timings_ms["encode_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        return GenerationOutput(images, info_json(req, result, model.fingerprint, details),
                                 event_strings(result), summary)
 
 

@@ -60,3 +60,52 @@ def test_img2img_start_matches_diffusers_get_timesteps(steps: int, strength: flo
     timesteps, runs = pipe.get_timesteps(steps, strength, "cpu")
     assert steps - img2img_start_step(steps, strength) == runs == len(timesteps)
     assert img2img_start_step(4, 0.7) == 2  # runs 2 steps, not 3
+
+
+def _result(size: int = 64):
+    import numpy as np
+    from PIL import Image
+
+    from dts_util.pipeline.txt2img import GenerationResult
+
+    pixels = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+    return GenerationResult(images=[Image.fromarray(pixels)], seeds=[7]), pixels
+
+
+@pytest.mark.parametrize("compression", ["fast", "1", "9"])
+def test_png_output_is_lossless_and_carries_parameters(compression: str) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dts_util.pipeline.encode import encode_images
+
+    result, pixels = _result()
+    req = resolve(GenerationRequest(prompt="a caf\u00e9 \u2615", seed=7), "m", 256)
+    png = Image.open(io.BytesIO(encode_images(req, result, compression)[0]))
+    assert np.array_equal(np.asarray(png), pixels)
+    assert png.text["parameters"].startswith("a caf\u00e9 \u2615\n") and "Seed: 7" in png.text["parameters"]
+
+
+@pytest.mark.parametrize("kind", ["webp", "jpeg"])
+def test_lossy_formats_carry_parameters_in_exif(kind: str) -> None:
+    import io
+
+    from PIL import Image
+
+    from dts_util.pipeline.encode import encode_images
+
+    result, _ = _result()
+    req = resolve(GenerationRequest(prompt="a lighthouse", seed=7, output_format=kind.upper(), quality=80), "m", 256)
+    image = Image.open(io.BytesIO(encode_images(req, result)[0]))
+    assert image.format == kind.upper()
+    comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment.startswith(b"UNICODE\0") and "Seed: 7" in comment[8:].decode("utf-16-be")
+
+
+def test_bad_output_format_and_quality() -> None:
+    with pytest.raises(InvalidRequest, match="not png, webp or jpeg"):
+        resolve(GenerationRequest(output_format="gif"), "m", 256)
+    with pytest.raises(InvalidRequest, match="quality is 101"):
+        resolve(GenerationRequest(quality=101), "m", 256)

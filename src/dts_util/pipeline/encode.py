@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
 from PIL import Image, PngImagePlugin
 
@@ -44,16 +46,64 @@ def infotext(req: ResolvedRequest, seed: int) -> str:
     return "\n".join(lines)
 
 
-def to_png(image: Image.Image, parameters: str) -> bytes:
+# "fast": fpng (lossless, ~10x zlib's speed); 0-9: Pillow's zlib level (smaller files, slower).
+PNG_COMPRESSION_FAST = "fast"
+
+
+def _fpng():
+    try:
+        import fpng
+    except ImportError:
+        return None
+    return fpng
+
+
+def _text_chunk(keyword: str, text: str) -> bytes:
+    """A PNG tEXt chunk (Latin-1), or iTXt (UTF-8) when the text needs it, as Pillow writes them."""
+    try:
+        kind, body = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    except UnicodeEncodeError:
+        kind, body = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def to_png(image: Image.Image, parameters: str, compression: str = PNG_COMPRESSION_FAST) -> bytes:
+    """A lossless PNG with A1111's ``parameters`` text chunk."""
+    fpng = _fpng() if compression == PNG_COMPRESSION_FAST else None
+    if fpng is not None:
+        import numpy as np
+
+        png = fpng.from_ndarray(np.ascontiguousarray(np.asarray(image.convert("RGB"))))
+        end = png.rindex(b"IEND") - 4  # the text chunk goes before IEND (its 4-byte length precedes the type)
+        return png[:end] + _text_chunk("parameters", parameters) + png[end:]
     metadata = PngImagePlugin.PngInfo()
     metadata.add_text("parameters", parameters)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=metadata)
+    level = 1 if compression == PNG_COMPRESSION_FAST else int(compression)
+    image.save(buffer, format="PNG", pnginfo=metadata, compress_level=level)
     return buffer.getvalue()
 
 
+def to_lossy(image: Image.Image, parameters: str, kind: str, quality: int) -> bytes:
+    """WebP or JPEG with the parameters in EXIF UserComment, where A1111 puts them for these formats."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=kind.upper(), quality=quality, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def encode_images(req: ResolvedRequest, result: GenerationResult,
+                  png_compression: str = PNG_COMPRESSION_FAST) -> list[bytes]:
+    """Every image in the request's output format, each with its own seed in its parameters."""
+    if req.output_format == "png":
+        return [to_png(image, infotext(req, seed), png_compression) for image, seed in zip(result.images, result.seeds)]
+    return [to_lossy(image, infotext(req, seed), req.output_format, req.quality)
+            for image, seed in zip(result.images, result.seeds)]
+
+
 def encode_pngs(req: ResolvedRequest, result: GenerationResult) -> list[bytes]:
-    return [to_png(image, infotext(req, seed)) for image, seed in zip(result.images, result.seeds)]
+    return encode_images(req, result)
 
 
 def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint: str = "",
@@ -87,6 +137,7 @@ def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint:
         "denoising_strength": req.denoising_strength if req.enable_hr else None,
         "restore_faces": False,
         "clip_skip": req.clip_skip,
+        "output_format": req.output_format,
         "prompt_tokens": result.prompt.get("tokens", {}),
         "prompt_chunks": result.prompt.get("chunks", 1),
         "text_length": result.prompt.get("text_length", 77),

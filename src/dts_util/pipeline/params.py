@@ -29,6 +29,7 @@ DEFAULT_HR_SCALE = 2.0
 MAX_HR_SCALE = 4.0
 MAX_SEED = 2**63 - 1 - MAX_BATCH_SIZE * MAX_BATCH_COUNT
 MAX_CLIP_SKIP = 12
+OUTPUT_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 10.0
 
@@ -55,6 +56,8 @@ class GenerationRequest:
     clip_skip: int = 0
     loras: tuple[tuple[str, float], ...] = ()
     preview_every: int = 0
+    output_format: str = ""
+    quality: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class ResolvedRequest:
     # Non-zero LoRAs, as named (resolved to store files by the service); the prompt has its tags removed.
     loras: tuple[LoraRequest, ...] = ()
     preview_every: int = 0  # streaming: a latent preview every this many steps (0 = none)
+    output_format: str = "png"
+    quality: int = 90
 
     @property
     def use_cfg(self) -> bool:
@@ -193,11 +198,15 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
                                      f"(> {MAX_SIZE}); lower hr_scale or {name}")
     _in_range("clip_skip", req.clip_skip, 0, MAX_CLIP_SKIP, " (0 or 1 = the model's default layer)")
     _in_range("preview_every", req.preview_every, 0, MAX_STEPS, " steps (0 = no previews)")
+    output_format = OUTPUT_FORMATS.get((req.output_format or "png").lower())
+    if output_format is None:
+        raise InvalidRequest(f"output_format {quote(req.output_format, 20)} is not png, webp or jpeg")
+    _in_range("quality", req.quality, 0, 100, " (0 = 90)")
     prompt, loras = _loras(req)
     return ResolvedRequest(
         model=model, prompt=prompt, negative_prompt=req.negative_prompt, width=width, height=height,
         steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler),
         batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
         hr_scale=hr_scale, denoising_strength=strength, clip_skip=max(1, req.clip_skip), loras=loras,
-        preview_every=req.preview_every,
+        preview_every=req.preview_every, output_format=output_format, quality=req.quality or 90,
     )
