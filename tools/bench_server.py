@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""How long a gRPC client waits against how long the pipeline itself worked, in one run.
+
+    python tools/bench_server.py                 # built-in model, 512x512 and 1024x1024, 5 runs each
+
+A real server (the same start-up as ``dts-util serve``) runs in this process on a free
+port; a real client calls it over loopback. For each size it prints the median time the
+client waited, the median time the pipeline spent (text encoding, sampling, decoding and
+image encoding, from ``info``), and the difference as the server's overhead: queueing,
+gRPC, serialization and transfer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def start(model_dir: Path, engine_dir: Path):
+    from dts_util.config import ServerConfig
+    from dts_util.grpc.server import start_server
+    from dts_util.service import ImageService
+
+    config = ServerConfig(model_dir=model_dir, engine_dir=engine_dir, port=0, device="cpu")
+    service = ImageService(config)
+    service.ensure_default_model()
+    loop = asyncio.new_event_loop()
+    ready: dict = {}
+
+    def run() -> None:
+        async def boot() -> None:
+            ready["server"] = await start_server(config, service)
+            await asyncio.to_thread(service.warm_up)
+
+        loop.run_until_complete(boot())
+        ready["done"] = True
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    while "done" not in ready:
+        time.sleep(0.05)
+    return ready["server"].port
+
+
+def measure(client, size: int, runs: int, stream: bool) -> tuple[float, float]:
+    waits, work = [], []
+    request = dict(prompt="a lighthouse on a cliff", seed=1, width=size, height=size, steps=20)
+    for index in range(runs + 1):
+        start = time.perf_counter()
+        if stream:
+            _, info_text = client.generate_stream(**request)
+        else:
+            info_text = client.generate(**request).info
+        waited = time.perf_counter() - start
+        timings = json.loads(info_text)["timings_ms"]
+        if index:  # the first run warms caches and loads components
+            waits.append(waited * 1000)
+            work.append(timings["total"] + timings.get("encode_ms", 0.0))
+    return statistics.median(waits), statistics.median(work)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="512,1024")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--model-dir", help="model store [default: a temporary one with the built-in model]")
+    args = parser.parse_args()
+
+    from dts_util.client import Client
+    from dts_util.engines.device import device_info
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model_dir or Path(tmp) / "models")
+        port = start(model_dir, Path(tmp) / "engines")
+        cpu = device_info("cpu")
+        print(f"built-in model, 20 steps, eager on the CPU: {os.cpu_count()} cores, {cpu['name']} "
+              f"({', '.join(cpu['isa'])})")
+        print("| size | RPC | client waited ms | pipeline ms | server overhead ms | overhead % |")
+        print("|---|---|---:|---:|---:|---:|")
+        with Client(f"127.0.0.1:{port}", 600) as client:
+            for size in (int(s) for s in args.sizes.split(",")):
+                for stream in (False, True):
+                    waited, worked = measure(client, size, args.runs, stream)
+                    overhead = waited - worked
+                    print(f"| {size}x{size} | {'GenerateImageStream' if stream else 'GenerateImage'} "
+                          f"| {waited:.1f} | {worked:.1f} | {overhead:.1f} | {100 * overhead / waited:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
