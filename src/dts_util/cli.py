@@ -144,6 +144,10 @@ def serve(
     dtype: Annotated[str, typer.Option(help="Eager weights: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, "
                                             "or bf16 (CPUs with AVX512_BF16/AMX: about 2x fp32).",
                                        rich_help_panel=SERVE)] = "auto",
+    metrics_port: Annotated[int, typer.Option(help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics "
+                                                    "(0 = off).", rich_help_panel=SERVE)] = 0,
+    metrics_address: Annotated[str, typer.Option(help="Address of the metrics endpoint (unauthenticated: keep it "
+                                                      "private).", rich_help_panel=SERVE)] = "127.0.0.1",
     png_compression: Annotated[str, typer.Option(
         help="PNG encoding: fast (fpng, lossless, about 10x zlib's speed) or a zlib level 0-9 (smaller files).",
         rich_help_panel=SERVE)] = "fast",
@@ -201,7 +205,7 @@ def serve(
             max_queue=max_queue, max_upload_bytes=max_upload_bytes, max_store_bytes=max_store_bytes,
             min_free_disk_bytes=min_free_disk, max_concurrent_uploads=max_concurrent_uploads,
             upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=device, dtype=dtype,
-            png_compression=png_compression,
+            png_compression=png_compression, metrics_port=metrics_port, metrics_address=metrics_address,
             build_missing=build_missing, torch_compile=torch_compile, auth_token=token, allow_no_auth=no_auth,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
         asyncio.run(_serve(config, engines))

@@ -97,6 +97,8 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     png_compression: str = "fast"
+    metrics_port: int = 0
+    metrics_address: str = LOOPBACK_ADDRESS
     build_missing: bool = False
     torch_compile: bool = False
     auth_token: str = field(default="", repr=False)

@@ -21,6 +21,7 @@ from dts_util.models.builtin import ensure_builtin_model
 from dts_util.errors import RequestTooLarge
 from dts_util.limits import MAX_RESPONSE_BYTES, MAX_PROMPT_CHARS
 from dts_util.models.loader import LoadedModel, load_model, model_stamp
+from dts_util.metrics import observe_generation
 from dts_util.models.lora import resolve_loras
 from dts_util.models.store import ModelStore
 from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder, Shape
@@ -221,6 +222,7 @@ class ImageService:
         start = time.perf_counter()
         images = encode_images(req, result, self.config.png_compression)
         result.timings_ms["encode_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        observe_generation(result.timings_ms, req.steps * req.batch_count, {"text_encoder": "eager", **result.backends})
         return GenerationOutput(images, info_json(req, result, model.fingerprint, details),
                                 event_strings(result), summary)
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from dts_util.errors import QueueFull
+from dts_util.metrics import STAGE_SECONDS, set_queue_depth
 
 T = TypeVar("T")
 
@@ -42,8 +44,11 @@ class GenerationQueue:
             raise QueueFull(f"{self._pending} generations are already queued or running (limit "
                             f"{self.max_waiting} waiting); retry later")
         self._pending += 1
+        set_queue_depth(self._pending)
+        queued = time.perf_counter()
         try:
             async with self._lock:
+                STAGE_SECONDS.labels("queue_wait").observe(time.perf_counter() - queued)
                 future = asyncio.get_running_loop().run_in_executor(self._executor, job)
                 try:
                     return await asyncio.shield(future)
@@ -57,6 +62,7 @@ class GenerationQueue:
                     raise
         finally:
             self._pending -= 1
+            set_queue_depth(self._pending)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

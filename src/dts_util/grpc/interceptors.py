@@ -30,6 +30,7 @@ from dts_util.client_text import for_log
 from dts_util.errors import CallCancelled, DtsError, InvalidRequest, RequestTooLarge, Unauthenticated
 from dts_util.limits import (MAX_ECHO_REQUEST_BYTES, MAX_FILES_EXIST_REQUEST_BYTES, MAX_GENERATE_REQUEST_BYTES,
                              MAX_RECEIVE_MESSAGE_BYTES, MAX_UPLOAD_MESSAGE_BYTES)
+from dts_util.metrics import observe_request
 from dts_util.security.tokens import TokenChecker
 
 log = logging.getLogger("dts_util.requests")
@@ -203,3 +204,4 @@ class _Outcome:
         elapsed_ms = (time.perf_counter() - self.start) * 1000
         extra = " ".join(for_log(v) if k == "summary" else f"{k}={for_log(v)}" for k, v in self.fields.items())
         log.info("%s %s %.1fms peer=%s %s", self.call.method, self.code.name, elapsed_ms, for_log(self.peer), extra)
+        observe_request(self.call.method, self.code.name, elapsed_ms / 1000)

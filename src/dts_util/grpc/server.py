@@ -144,6 +144,15 @@ async def serve(config: ServerConfig, service: ImageService) -> None:
     await asyncio.to_thread(service.ensure_default_model)
     await asyncio.to_thread(service.model, "")
     running = await start_server(config, service)
+    if config.metrics_port:
+        from dts_util.metrics import serve_metrics
+
+        try:
+            serve_metrics(config.metrics_port, config.metrics_address)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {config.metrics_address}:{config.metrics_port}: "
+                               f"{exc.strerror}") from None
+        log.info("metrics on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
     log.info("listening on %s:%d (%s; model store %s, engines %s)", config.address, running.port,
              _describe_security(config), config.model_dir, config.engine_dir)
     if not config.auth_token and not is_loopback(config.address):
