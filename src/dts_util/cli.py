@@ -411,12 +411,12 @@ def build_engines(
         show_default="the model's native size")] = None,
     batch_size: Annotated[list[int], typer.Option(help="Images per pass; repeatable. The UNet is built at 2x "
                                                        "this with CFG.", rich_help_panel=BUILD)] = [1],
-    backend: Annotated[BackendChoice, typer.Option(help="auto = tensorrt on a CUDA machine where it runs; on the CPU openvino when installed, "
-                                                        "else onnxruntime.",
-                                                   rich_help_panel=BUILD)] = BackendChoice.auto,
-    precision: Annotated[PrecisionChoice, typer.Option(help="auto = fp16 for tensorrt; bf16 for openvino on CPUs with AVX512_BF16 or AMX; fp32 "
-                                                            "otherwise.",
-                                                       rich_help_panel=BUILD)] = PrecisionChoice.auto,
+    backend: Annotated[BackendChoice, typer.Option(
+        help="auto = tensorrt on a CUDA machine where it runs; on the CPU openvino when installed, else onnxruntime.",
+        rich_help_panel=BUILD)] = BackendChoice.auto,
+    precision: Annotated[PrecisionChoice, typer.Option(
+        help="auto = fp16 for tensorrt; bf16 for openvino on CPUs with AVX512_BF16 or AMX; fp32 otherwise.",
+        rich_help_panel=BUILD)] = PrecisionChoice.auto,
     component: Annotated[Optional[list[ComponentChoice]], typer.Option(
         help="Components to build; repeatable.", rich_help_panel=BUILD,
         show_default="unet and vae_decoder")] = None,
@@ -714,7 +714,8 @@ def install(
         out.print(f"TLS: certificates in {tls_files.folder}; clients trust {tls_files.ca_cert}")
     out.print(f"clients send the token: DTS_AUTH_TOKEN=$(cat {token_file}) dts-util test --port {port}{tls_flags}")
     beside_python = Path(sys.executable).with_name("dts-util")
-    exe = shutil.which("dts-util") or (str(beside_python) if beside_python.exists() else f"{sys.executable} -m dts_util")
+    exe = shutil.which("dts-util") or (str(beside_python) if beside_python.exists()
+                                       else f"{sys.executable} -m dts_util")
     if not service:
         out.print(f"run the server with: {exe} {' '.join(args)}")
         return

@@ -141,8 +141,8 @@ class ImageService:
             if cached is not None:
                 log.info("files of model %r changed; loading it again", canonical)
                 self._drop(canonical)
-            model = load_model(canonical, path, self.device, fingerprint_cache=fingerprint_cache(self.config.engine_dir),
-                               dtype=self.config.dtype)
+            model = load_model(canonical, path, self.device, dtype=self.config.dtype,
+                               fingerprint_cache=fingerprint_cache(self.config.engine_dir))
             self._models[canonical] = _CachedModel(stamp, model)
             while len(self._models) > self.config.max_loaded_models:
                 self._drop(next(iter(self._models)), why="least recently used")

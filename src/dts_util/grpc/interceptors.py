@@ -146,15 +146,15 @@ class _Outcome:
             raise Unauthenticated(self.call.refused)
         if streaming_request:
             return self._checked_stream(request)
-        self._check_size(request)
+        self._check_message(request)
         return request
 
     async def _checked_stream(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
-            self._check_size(request)
+            self._check_message(request)
             yield request
 
-    def _check_size(self, request: Any) -> None:
+    def _check_message(self, request: Any) -> None:
         if isinstance(request, _Malformed):
             raise InvalidRequest(f"the {self.call.method} request message is not valid protobuf (string fields "
                                  "must be UTF-8); check the client's message definitions")

@@ -15,14 +15,12 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import shutil
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 from dts_util.config import BUILTIN_MODEL_NAME
-from dts_util.models.store import MODEL_INDEX, RESERVED_PREFIX, ModelStore
+from dts_util.models.store import MODEL_INDEX, ModelStore, publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -135,23 +133,14 @@ def ensure_builtin_model(store: ModelStore, name: str = BUILTIN_MODEL_NAME) -> P
     if (target / MODEL_INDEX).is_file():
         return target
     log.info("creating the built-in model %r in %s (seeded random weights)", name, store.root)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{RESERVED_PREFIX}builtin-", dir=store.root))
-    try:
-        _build_pipeline().save_pretrained(tmp, safe_serialization=True)
+
+    def fill(folder: Path) -> None:
+        _build_pipeline().save_pretrained(folder, safe_serialization=True)
         # Record where these weights came from, for anyone who finds the folder.
-        (tmp / "README.md").write_text(
+        (folder / "README.md").write_text(
             f"# {name}\n\nBuilt-in dts-util model: Stable Diffusion 1.x architecture at a tiny width "
             f"with random weights (seed {SEED}). Its images are abstract noise.\n"
         )
-        (tmp / "dts_builtin.json").write_text(json.dumps({"seed": SEED, "unet": UNET_CONFIG}, default=list))
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the model folder is an ordinary one
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (target / MODEL_INDEX).is_file():  # another process won the race
-            return target
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        (folder / "dts_builtin.json").write_text(json.dumps({"seed": SEED, "unet": UNET_CONFIG}, default=list))
+
+    return publish_folder(target, fill, complete=lambda path: (path / MODEL_INDEX).is_file())

@@ -20,12 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import re
-import shutil
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,28 +290,22 @@ def _open_clip_text(shapes: Shapes, prefix: str, drop_last_layer: bool) -> dict:
     }
 
 
-_FOLDER_LOCK = threading.Lock()
-
-
 def config_folder(architecture: CheckpointArchitecture, cache_dir: Path) -> Path:
     """The diffusers config folder for ``architecture`` (shipped configs with its shapes' values), made
     once under ``cache_dir`` and renamed into place whole."""
-    from dts_util.models.families import materialize
+    from dts_util.models.families import VARIANTS, fill_config_folder
+    from dts_util.models.store import publish_folder
 
-    target = cache_dir / architecture.key
-    with _FOLDER_LOCK:
-        if (target / "model_index.json").is_file():
-            return target
-        staging = cache_dir / f".{architecture.key}.{os.getpid()}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)  # left over by a crash: start again
-        materialize(architecture.variant, staging)
+    def fill(folder: Path) -> None:
+        fill_config_folder(VARIANTS[architecture.variant], folder)
         for component, values in architecture.overrides.items():
-            config_file = staging / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+            config_file = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
             config = json.loads(config_file.read_text())
             config.update(values)
             config_file.write_text(json.dumps(config, indent=2))
-        os.replace(staging, target)
-    return target
+
+    return publish_folder(cache_dir / architecture.key, fill,
+                          complete=lambda path: (path / "model_index.json").is_file())
 
 
 # Prediction types as diffusers' schedulers name them, and as A1111 sidecars spell them.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +26,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from dts_util.models.builtin import clip_vocabulary
-from dts_util.models.store import RESERVED_PREFIX
+from dts_util.models.store import publish_folder
 
 # OpenAI's CLIP tokenizer pads with its end token; OpenCLIP's (SD2, SDXL's second
 # encoder) pads with id 0, which is "!". The text encoders were trained with these.
@@ -133,30 +132,17 @@ def materialize(variant: str, target: Path) -> Path:
     half-written; an existing ``target`` is returned as it is.
     """
     spec = _get(variant)
-    target = Path(target)
-    if target.is_dir():
-        return target
-    source = config_folder(variant)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The store's reserved prefix: the server never serves or lists such a folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f"{RESERVED_PREFIX}config-", dir=target.parent))
-    try:
-        # File by file: copytree would copy the package's permissions, read-only where it is installed so.
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                copy = tmp / path.relative_to(source)
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, copy)
-        for subfolder, pad_token in spec.tokenizers.items():
-            write_tokenizer(tmp / subfolder, pad_token)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if target.is_dir():  # another process won the race
-            return target
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return publish_folder(Path(target), lambda folder: fill_config_folder(spec, folder))
+
+
+def fill_config_folder(spec: "Variant", folder: Path) -> None:
+    """Write ``spec``'s shipped configs and its tokenizers into ``folder``."""
+    source = config_folder(spec.name)
+    # File by file: copytree would copy the package's permissions, read-only where it is installed so.
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            copy = folder / path.relative_to(source)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+    for subfolder, pad_token in spec.tokenizers.items():
+        write_tokenizer(folder / subfolder, pad_token)

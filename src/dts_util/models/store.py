@@ -23,9 +23,11 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from dts_util.client_text import quote
 from dts_util.errors import (FileExists, InvalidPath, ModelLoadError, ModelNotFound, PathConflict, StartupError,
@@ -269,6 +271,33 @@ class ModelStore:
         if removed:
             log.info("removed %d temporary file(s) of interrupted uploads from the model store", removed)
         return removed
+
+
+def publish_folder(target: Path, fill: Callable[[Path], None],
+                   complete: Callable[[Path], bool] = Path.is_dir) -> Path:
+    """``target``, built by ``fill`` in a temporary folder beside it and renamed into place whole.
+
+    Readers never see a half-written folder, an interrupted build leaves nothing under the
+    target's name, and when two processes build it at once the loser's copy is discarded.
+    ``complete`` says whether an existing ``target`` is finished (then nothing is built).
+    """
+    if complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{RESERVED_PREFIX}{target.name[:40]}-", dir=target.parent))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the folder is an ordinary one
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if complete(target):  # another process won the race
+            return target
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _exists_message(name: str) -> str:

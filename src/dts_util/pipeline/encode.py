@@ -102,9 +102,6 @@ def encode_images(req: ResolvedRequest, result: GenerationResult,
             for image, seed in zip(result.images, result.seeds)]
 
 
-def encode_pngs(req: ResolvedRequest, result: GenerationResult) -> list[bytes]:
-    return encode_images(req, result)
-
 
 def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint: str = "",
               model_details: dict | None = None) -> str:
