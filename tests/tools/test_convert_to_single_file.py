@@ -13,28 +13,16 @@ import os
 # (If another test module imported it first, the autouse fixture below covers that.)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import importlib.util
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dts_util.models.builtin import clip_vocabulary
+from tests.tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_to_single_file.py"
-
-
-def _import_tool():
-    spec = importlib.util.spec_from_file_location("convert_to_single_file", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-conv = _import_tool()
+conv = load_tool("convert_to_single_file")
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,
