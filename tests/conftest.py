@@ -44,23 +44,27 @@ def base_config(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactor
 
 
 class ServerThread:
-    """The real server (``grpc/server.py``) on its own event loop in a background thread."""
+    """The real server (``grpc/bootstrap.py`` over a ``WorkerPool``) on its own event loop in a background
+    thread. ``service`` and ``queue`` are the first worker's; ``engines`` becomes that worker's engine manager."""
 
     def __init__(self, config: ServerConfig, engines=None) -> None:
-        from dts_util.service import ImageService
+        from dts_util.workers import WorkerPool
 
-        self.service = ImageService(config, engines)
+        self.pool = WorkerPool.for_devices(config, use_engines=False)
+        self.service = self.pool.workers[0].service
+        self.service.engines = engines
+        self.queue = self.pool.workers[0].queue
         self.config = config
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from dts_util.grpc.server import start_server
+        from dts_util.grpc.bootstrap import start_server
 
         async def start() -> None:
-            self.running = await start_server(self.config, self.service)
-            await asyncio.to_thread(self.service.warm_up)
+            self.running = await start_server(self.config, self.pool)
+            await asyncio.to_thread(self.pool.warm_up)
             await self.running.set_serving(True)
 
         self.loop.run_until_complete(start())

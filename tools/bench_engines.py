@@ -97,10 +97,11 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from dts_util.engines.manager import EngineManager
-    from dts_util.engines.specs import get_spec
+    from dts_util.engines.components import get_component
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
-    from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder, Shape
+    from dts_util.boundary import Shape
+    from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder
     from dts_util.pipeline.params import GenerationRequest, resolve
     from dts_util.pipeline.txt2img import Txt2ImgPipeline
 
@@ -125,9 +126,9 @@ def worker(args: argparse.Namespace) -> None:
         unet, vae = (load_engine(args, model, component, shape, backend, precision)
                      for component, shape in (("unet", unet_shape), ("vae_decoder", vae_shape)))
 
-    unet_inputs = get_spec("unet").sample_inputs(model.info, unet_shape, seed=0, device=args.device,
+    unet_inputs = get_component("unet").sample_inputs(model.info, unet_shape, seed=0, device=args.device,
                                                  dtype=model.dtype)
-    latent = get_spec("vae_decoder").sample_inputs(model.info, vae_shape, seed=0, device=args.device,
+    latent = get_component("vae_decoder").sample_inputs(model.info, vae_shape, seed=0, device=args.device,
                                                    dtype=model.dtype)
     with torch.inference_mode():
         unet_ms = median_ms(lambda: (unet(**unet_inputs), sync()), args.repeats, warmup=2)
@@ -170,7 +171,7 @@ def load_engine(args: argparse.Namespace, model, component: str, shape, backend:
 def export_peak(args: argparse.Namespace) -> None:
     """Export the UNet to ONNX in a fresh folder; print this process's peak memory as JSON."""
     from dts_util.engines.export import export_component
-    from dts_util.engines.specs import get_spec
+    from dts_util.engines.components import get_component
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
 
@@ -179,7 +180,7 @@ def export_peak(args: argparse.Namespace) -> None:
     before = peak_rss_mb()
     with tempfile.TemporaryDirectory(dir=args.engine_dir) as folder:
         start = time.perf_counter()
-        export_component(model, get_spec("unet"), Path(folder))
+        export_component(model, get_component("unet"), Path(folder))
         seconds = time.perf_counter() - start
     print(json.dumps({"export_peak_mb": peak_rss_mb(), "before_export_mb": before, "export_s": seconds}))
 

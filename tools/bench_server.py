@@ -25,12 +25,12 @@ from pathlib import Path
 
 def start(model_dir: Path, engine_dir: Path):
     from dts_util.config import ServerConfig
-    from dts_util.grpc.server import start_server
-    from dts_util.service import ImageService
+    from dts_util.grpc.bootstrap import start_server
+    from dts_util.workers import WorkerPool
 
     config = ServerConfig(model_dir=model_dir, engine_dir=engine_dir, port=0, device="cpu")
-    service = ImageService(config)
-    service.ensure_default_model()
+    service = WorkerPool.for_devices(config, use_engines=False)
+    service.prepare_store()
     loop = asyncio.new_event_loop()
     ready: dict = {}
 

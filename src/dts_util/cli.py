@@ -139,8 +139,9 @@ def serve(
     engine_dir: EngineDirOpt = None,
     default_model: Annotated[str, typer.Option(help="Model used when a request names none.",
                                                rich_help_panel=SERVE)] = BUILTIN_MODEL_NAME,
-    device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda, cuda:1 ...",
-                                        rich_help_panel=SERVE)] = "auto",
+    devices: Annotated[str, typer.Option(
+        "--devices", "--device", help="Where generations run, one worker per device: auto (every CUDA GPU, else "
+        "the CPU), cpu, or a list such as cuda:0,cuda:1.", rich_help_panel=SERVE)] = "auto",
     dtype: Annotated[str, typer.Option(help="Eager weights: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, "
                                             "or bf16 (CPUs with AVX512_BF16/AMX: about 2x fp32).",
                                        rich_help_panel=SERVE)] = "auto",
@@ -204,7 +205,7 @@ def serve(
             address=address or (ADDRESS_WITH_AUTH if token or no_auth else LOOPBACK_ADDRESS), port=port,
             max_queue=max_queue, max_upload_bytes=max_upload_bytes, max_store_bytes=max_store_bytes,
             min_free_disk_bytes=min_free_disk, max_concurrent_uploads=max_concurrent_uploads,
-            upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=device, dtype=dtype,
+            upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=devices, dtype=dtype,
             png_compression=png_compression, metrics_port=metrics_port, metrics_address=metrics_address,
             build_missing=build_missing, torch_compile=torch_compile, auth_token=token, allow_no_auth=no_auth,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
@@ -218,15 +219,10 @@ def serve(
 
 
 async def _serve(config, use_engines: bool) -> None:
-    from dts_util.grpc.server import serve as run_server
-    from dts_util.service import ImageService
+    from dts_util.grpc.bootstrap import serve as run_server
+    from dts_util.workers import WorkerPool
 
-    manager = None
-    if use_engines:
-        from dts_util.engines.manager import EngineManager
-
-        manager = EngineManager(config.engine_dir, build_missing=config.build_missing)
-    await run_server(config, ImageService(config, manager))
+    await run_server(config, WorkerPool.for_devices(config, use_engines))
 
 
 @app.command()
@@ -527,7 +523,7 @@ def _print_build_table(results, engine_dir: Path) -> None:
         job = r.job
         status = {"built": "[green]built[/]", "skipped": "[dim]skipped[/] (valid)"}.get(
             r.status, f"[red]failed[/]: {r.error}")
-        table.add_row(job.spec.name, job.key.resolution, str(job.shape.batch), job.backend.name, job.precision,
+        table.add_row(job.component.name, job.key.resolution, str(job.shape.batch), job.backend.name, job.precision,
                       f"{r.engine_bytes / 1e6:.1f}" if r.engine_bytes else "-",
                       f"{r.seconds:.1f}" if r.seconds else "-",
                       f"{r.rel_l2:.1e}" if r.rel_l2 is not None else "-", status)

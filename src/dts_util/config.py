@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,8 @@ class ServerConfig:
         max_concurrent_uploads: uploads allowed at once.
         upload_idle_timeout: seconds an upload may go without data before it is aborted.
         max_loaded_models: models kept in memory at once (least recently used ones go first).
-        device: torch device for eager components ("auto" picks cuda when present).
+        device: where generations run: "auto" (every CUDA GPU, else the CPU), or devices such as
+            "cpu" or "cuda:0,cuda:1"; one worker per device (see ``resolve_devices``).
         dtype: eager weights' dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16.
         png_compression: "fast" (fpng, lossless, ~10x zlib's speed) or a zlib level 0-9 (smaller, slower).
         build_missing: queue a background engine build for shapes that had none.
@@ -152,6 +154,36 @@ def check_dtype(dtype: str, device: str) -> None:
         raise StartupError("--dtype bf16 needs a CPU with AVX512_BF16 or AMX; this one has neither (use fp32)")
     if dtype == "fp16":
         raise StartupError("--dtype fp16 is for CUDA devices; on the CPU use fp32, or bf16 where supported")
+
+
+MAX_WORKERS = 16
+
+
+def resolve_devices(spec: str) -> list[str]:
+    """``serve --devices``: "auto" (every CUDA GPU torch sees, else the CPU), or a comma list such as
+    "cuda:0,cuda:1" or "cpu". One worker runs per entry; "cpu" may repeat (several CPU workers share
+    the cores, useful mostly for tests), a GPU may not."""
+    from dts_util.errors import StartupError
+
+    if spec.strip() == "auto":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{index}" for index in range(count)] or ["cpu"]
+    devices = [entry.strip() for entry in spec.split(",") if entry.strip()]
+    if not devices or len(devices) > MAX_WORKERS:
+        raise StartupError(f"--devices {spec!r}: give auto, or 1 to {MAX_WORKERS} comma-separated devices such as "
+                           "cpu or cuda:0,cuda:1")
+    resolved = []
+    for device in devices:
+        if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+            raise StartupError(f"--devices: {device!r} is not a device; use cpu, cuda or cuda:N")
+        device = resolve_device(device)
+        resolved.append("cuda:0" if device == "cuda" else device)
+    gpus = [device for device in resolved if device != "cpu"]
+    if len(gpus) != len(set(gpus)):
+        raise StartupError(f"--devices {spec!r} names a GPU twice; one worker drives each GPU")
+    return resolved
 
 
 def resolve_device(device: str) -> str:

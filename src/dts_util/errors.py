@@ -7,19 +7,21 @@ for and what would be accepted, so a client knows what to change.
 
 from __future__ import annotations
 
-import grpc
-
 
 class DtsError(Exception):
-    """Base class; ``code`` is the gRPC status the server answers with."""
+    """Base class; ``code`` names the gRPC status the server answers with (a ``grpc.StatusCode`` member).
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    A name rather than the enum keeps this module free of grpc, so the model layer and the
+    boundary types import it without pulling a protocol in.
+    """
+
+    code: str = "INTERNAL"
 
 
 class InvalidRequest(DtsError):
     """A request parameter is out of range, malformed or inconsistent."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class InvalidPath(InvalidRequest):
@@ -29,79 +31,79 @@ class InvalidPath(InvalidRequest):
 class PathConflict(DtsError):
     """A client path collides with what is in the store (a folder where a file should go, a file as a parent)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class FileExists(DtsError):
     """An upload would replace an existing, different file without ``overwrite``."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class ModelNotFound(DtsError):
     """The named model is not in the model store."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class ModelLoadError(DtsError):
     """The model exists but cannot be loaded (missing parts, corrupt weights)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class FeatureUnavailable(DtsError):
     """The request needs something this server does not have (e.g. a face-restoration model)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class QueueFull(DtsError):
     """Too many generations are already waiting."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class UploadTooLarge(DtsError):
     """An upload passed the configured size limit."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class StoreFull(DtsError):
     """An upload would pass the store quota or the free-disk floor, or too many run at once."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class RequestTooLarge(DtsError):
     """A request message is larger than its RPC accepts, or its answer could not fit in one message."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class UploadStalled(DtsError):
     """No upload data arrived within the idle timeout."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class Unauthenticated(DtsError):
     """The request carries no valid bearer token."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = "UNAUTHENTICATED"
 
 
 class UploadCorrupt(DtsError):
     """An upload's bytes do not match the size or SHA-256 the client declared."""
 
-    code = grpc.StatusCode.DATA_LOSS
+    code = "DATA_LOSS"
 
 
 class CallCancelled(DtsError):
     """The client cancelled, went away, or its deadline passed; the work was stopped and nothing kept."""
 
-    code = grpc.StatusCode.CANCELLED
+    code = "CANCELLED"
 
 
 class GenerationCancelled(CallCancelled):
@@ -111,13 +113,13 @@ class GenerationCancelled(CallCancelled):
 class BackendUnavailable(DtsError):
     """An engine backend (tensorrt, onnxruntime) cannot be imported or has no device."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class EngineBuildError(DtsError):
     """Export, validation or compilation of an engine failed."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = "INTERNAL"
 
 
 class StartupError(Exception):

@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from dts_util.boundary import GenerationOutput, GenerationRequest, Shape
 from dts_util.config import ServerConfig, check_dtype, resolve_device
+from dts_util.engines.components import UNET, VAE_DECODER, ComponentDescriptor
 from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
 from dts_util.errors import RequestTooLarge
@@ -24,23 +26,13 @@ from dts_util.models.loader import LoadedModel, load_model, model_stamp
 from dts_util.metrics import observe_generation
 from dts_util.models.lora import resolve_loras
 from dts_util.models.store import ModelStore
-from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder, Shape
-from dts_util.pipeline.params import GenerationRequest, ResolvedRequest, check_text_fields, resolve
+from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder
+from dts_util.pipeline.params import ResolvedRequest, check_text_fields, resolve
 
 if TYPE_CHECKING:
     from dts_util.engines.manager import EngineManager
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    """What GenerateImage sends back, plus a one-line summary for the request log."""
-
-    images: list[bytes]
-    info: str
-    events: list[str]
-    summary: str
 
 
 class RequestComponents:
@@ -55,21 +47,21 @@ class RequestComponents:
         self.model, self.engines, self.compile_eager = model, engines, compile_eager
         self.loras, self.lora_unet = loras, lora_unet
 
-    def _pick(self, component: str, shape: Shape, eager: Callable[[str], Component],
+    def _pick(self, component: ComponentDescriptor, shape: Shape, eager: Callable[[str], Component],
               engine_model: LoadedModel | None = None) -> Component:
         if self.engines is None:
             return eager("")
-        runner, reason = self.engines.runner_for(engine_model or self.model, component, shape)
+        runner, reason = self.engines.runner_for(engine_model or self.model, component.name, shape)
         if runner is not None:
             # An engine serves this component now: never keep the eager weights beside it.
-            self.model.unload(component if component != "vae_decoder" else "vae")
+            self.model.unload(component.weights)
             return runner
         return eager(reason)
 
     def unet(self, shape: Shape) -> Component:
         if self.loras:
-            return self._pick("unet", shape, self._eager_lora_unet, self.model.with_loras(self.loras))
-        return self._pick("unet", shape, lambda why: EagerUNet(self._maybe_compile(self.model.unet()), why))
+            return self._pick(UNET, shape, self._eager_lora_unet, self.model.with_loras(self.loras))
+        return self._pick(UNET, shape, lambda why: EagerUNet(self._maybe_compile(self.model.unet()), why))
 
     def _eager_lora_unet(self, why: str) -> Component:
         module = self.model.unet()
@@ -80,7 +72,7 @@ class RequestComponents:
         return EagerUNet(module, "LoRA: no engine for this LoRA set" if why else "LoRA")
 
     def vae_decoder(self, shape: Shape) -> Component:
-        return self._pick("vae_decoder", shape, lambda why: EagerVaeDecoder(self.model.vae(), why))
+        return self._pick(VAE_DECODER, shape, lambda why: EagerVaeDecoder(self.model.vae(), why))
 
     def _maybe_compile(self, module):
         if not self.compile_eager:
@@ -102,11 +94,14 @@ class ImageService:
     Args:
         config: server configuration (store, engine dir, device, default model, limits).
         engines: engine manager, or None to run everything eagerly.
+        store: the model store, shared by every worker of a pool (one is opened when None).
+        worker: this service's worker name, for metrics.
     """
 
-    def __init__(self, config: ServerConfig, engines: "EngineManager | None" = None) -> None:
-        self.config = config
-        self.store = ModelStore(config.model_dir, config.upload_policy)
+    def __init__(self, config: ServerConfig, engines: "EngineManager | None" = None,
+                 store: ModelStore | None = None, worker: str = "default") -> None:
+        self.config, self.worker = config, worker
+        self.store = store or ModelStore(config.model_dir, config.upload_policy)
         self.device = resolve_device(config.device)
         check_dtype(config.dtype, self.device)
         self.engines = engines
@@ -214,15 +209,16 @@ class ImageService:
             result = Txt2ImgPipeline(model, components, should_stop, on_preview)(req, events)
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
-        summary = (f"model={model.name} size={width}x{height} batch={req.batch_size}x{req.batch_count} "
+        summary = (f"worker={self.worker} model={model.name} size={width}x{height} batch={req.batch_size}x{req.batch_count} "
                    f"steps={req.steps} sampler={req.sampler.name!r} {backends}")
-        details = {"prediction_type": model.info.prediction_type, "prediction_source": model.info.prediction_source,
+        details = {"worker": self.worker, "prediction_type": model.info.prediction_type, "prediction_source": model.info.prediction_source,
                    "model_file": "single file" if model.info.single_file else "diffusers folder",
                    "loras": [{"file": lora.name, "weight": lora.weight, "sha256": lora.sha256} for lora in req.loras]}
         start = time.perf_counter()
         images = encode_images(req, result, self.config.png_compression)
         result.timings_ms["encode_ms"] = round((time.perf_counter() - start) * 1000, 1)
-        observe_generation(result.timings_ms, req.steps * req.batch_count, {"text_encoder": "eager", **result.backends})
+        observe_generation(result.timings_ms, req.steps * req.batch_count, {"text_encoder": "eager", **result.backends},
+                           self.worker)
         return GenerationOutput(images, info_json(req, result, model.fingerprint, details),
                                 event_strings(result), summary)
 

@@ -1,7 +1,7 @@
 """One generation at a time per device, behind a bounded queue.
 
-Generations are heavy and the device is one, so they run one after the other on a
-single worker thread, while the event loop stays free for Echo and FilesExist.
+Generations are heavy and a device runs one well at a time, so each worker's run
+one after the other on that worker's own thread, while the event loop stays free for Echo and FilesExist.
 When ``max_waiting`` requests already wait, a new one is refused at once
 (RESOURCE_EXHAUSTED) instead of piling up. A client that cancels, or whose
 deadline passes, sets its stop flag; the running generation stops at the next step.
@@ -26,11 +26,15 @@ class GenerationQueue:
 
     Args:
         max_waiting: jobs allowed to wait while one runs; more are refused with QueueFull.
+        name: the worker's name, for metrics and thread names.
+        thread_initializer: run once on the job thread first (e.g. to make its CUDA device current).
     """
 
-    def __init__(self, max_waiting: int) -> None:
-        self.max_waiting = max_waiting
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
+    def __init__(self, max_waiting: int, name: str = "default",
+                 thread_initializer: Callable[[], None] | None = None) -> None:
+        self.max_waiting, self.name = max_waiting, name
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"generation-{name}",
+                                            initializer=thread_initializer)
         self._lock = asyncio.Lock()
         self._pending = 0  # waiting + running
 
@@ -44,7 +48,7 @@ class GenerationQueue:
             raise QueueFull(f"{self._pending} generations are already queued or running (limit "
                             f"{self.max_waiting} waiting); retry later")
         self._pending += 1
-        set_queue_depth(self._pending)
+        set_queue_depth(self._pending, self.name)
         queued = time.perf_counter()
         try:
             async with self._lock:
@@ -62,7 +66,7 @@ class GenerationQueue:
                     raise
         finally:
             self._pending -= 1
-            set_queue_depth(self._pending)
+            set_queue_depth(self._pending, self.name)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -11,7 +11,7 @@ from dts_util.errors import BackendUnavailable, EngineBuildError, InvalidRequest
 
 def test_plan_builds_unet_at_cfg_batch_and_vae_at_image_batch(cpu_model, tmp_path) -> None:
     jobs = plan(cpu_model, tmp_path, [(512, 256)], [2], backend_name="onnxruntime")
-    assert [(j.spec.name, j.key.resolution, j.shape.batch) for j in jobs] == \
+    assert [(j.component.name, j.key.resolution, j.shape.batch) for j in jobs] == \
         [("unet", "512x256", 4), ("vae_decoder", "512x256", 2)]
     assert jobs[0].shape.latent_width == 64 and jobs[0].shape.latent_height == 32
     assert all(j.backend.name == "onnxruntime" and j.precision == "fp32" for j in jobs)
@@ -73,7 +73,7 @@ def test_runner_checks_input_shapes(engine_dir, cpu_model) -> None:
     import torch
 
     from dts_util.engines.manager import EngineManager
-    from dts_util.pipeline.components import Shape
+    from dts_util.boundary import Shape
 
     runner, _ = EngineManager(engine_dir).runner_for(cpu_model, "vae_decoder", Shape(16, 16, 1))
     with pytest.raises(ValueError, match=r"has shape \(1, 4, 8, 8\), the engine was built for \(1, 4, 16, 16\)"):

@@ -111,7 +111,7 @@ def test_precision_auto_and_unsupported_precisions(cpu_model, tmp_path) -> None:
 
 
 def _unet_shape(model):
-    from dts_util.pipeline.components import Shape
+    from dts_util.boundary import Shape
 
     side = SIZE // model.info.vae_scale_factor
     return Shape(side, side, 2)

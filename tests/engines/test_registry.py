@@ -9,7 +9,7 @@ import pytest
 
 from dts_util.engines.manager import EngineManager
 from dts_util.engines.registry import EngineRegistry
-from dts_util.pipeline.components import Shape
+from dts_util.boundary import Shape
 
 UNET_128 = Shape(16, 16, 2)
 

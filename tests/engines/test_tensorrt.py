@@ -7,7 +7,7 @@ import torch
 
 from dts_util.engines.builder import build, plan
 from dts_util.engines.manager import EngineManager
-from dts_util.pipeline.components import Shape
+from dts_util.boundary import Shape
 
 pytestmark = pytest.mark.tensorrt
 
@@ -24,11 +24,11 @@ def test_fp16_unet_and_vae_engines_build_and_validate(cpu_model, tmp_path) -> No
 
 def test_cuda_graph_replay_matches_plain_enqueue(cpu_model, tmp_path) -> None:
     from dts_util.engines.backends.tensorrt import TensorRTRunner
-    from dts_util.engines.specs import get_spec
+    from dts_util.engines.components import get_component
 
     job = plan(cpu_model, tmp_path, [(128, 128)], [1], backend_name="tensorrt", components=("unet",))[0]
     build(job, cpu_model, tmp_path)
-    spec = get_spec("unet")
+    spec = get_component("unet")
     shapes = spec.input_shapes(cpu_model.info, job.shape)
     inputs = {k: v.cuda() for k, v in spec.sample_inputs(cpu_model.info, job.shape, seed=5).items()}
     with TensorRTRunner(job.paths.engine, shapes, "noise_pred", "cuda", use_cuda_graph=False) as plain, \

@@ -15,9 +15,9 @@ LONG = dict(prompt="long", seed=1, steps=150, width=512, height=512)
 
 def _wait_until_running(server, deadline: float = 10.0) -> None:
     end = time.monotonic() + deadline
-    while server.running.queue.pending == 0 and time.monotonic() < end:
+    while server.queue.pending == 0 and time.monotonic() < end:
         time.sleep(0.01)
-    assert server.running.queue.pending >= 1
+    assert server.queue.pending >= 1
 
 
 def test_echo_and_files_exist_answer_while_generating(server) -> None:

@@ -36,11 +36,11 @@ def test_reflection_lists_the_service(server) -> None:
 def test_health_is_not_serving_until_the_default_model_is_warm(base_config) -> None:
     import asyncio
 
-    from dts_util.grpc.server import start_server
-    from dts_util.service import ImageService
+    from dts_util.grpc.bootstrap import start_server
+    from dts_util.workers import WorkerPool
 
     async def status_before_and_after() -> tuple[int, int]:
-        running = await start_server(base_config, ImageService(base_config))
+        running = await start_server(base_config, WorkerPool.for_devices(base_config, use_engines=False))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
                 stub = health_pb2_grpc.HealthStub(channel)

@@ -121,7 +121,7 @@ def test_a_cancelled_generation_is_one_log_line_with_its_status(make_server, cap
     with server.client() as client:
         call = client.stub.GenerateImage.future(request, timeout=1.0 if how == "deadline" else 60)
         end = time.monotonic() + 10
-        while server.running.queue.pending == 0 and time.monotonic() < end:
+        while server.queue.pending == 0 and time.monotonic() < end:
             time.sleep(0.01)
         if how == "cancel":
             time.sleep(0.3)
@@ -129,7 +129,7 @@ def test_a_cancelled_generation_is_one_log_line_with_its_status(make_server, cap
         with pytest.raises((grpc.RpcError, grpc.FutureCancelledError)):
             call.result()
         end = time.monotonic() + 10
-        while server.running.queue.pending and time.monotonic() < end:
+        while server.queue.pending and time.monotonic() < end:
             time.sleep(0.05)
     time.sleep(0.2)
     gc.collect()  # "Future exception was never retrieved" is logged when the future is collected

@@ -110,10 +110,10 @@ def test_sdxl_loads_and_generates(tiny_sdxl) -> None:
 
 
 def test_sdxl_engine_spec_has_added_conditions(tiny_sdxl) -> None:
-    from dts_util.engines.specs import get_spec
-    from dts_util.pipeline.components import Shape
+    from dts_util.engines.components import get_component
+    from dts_util.boundary import Shape
 
     info = inspect_model("tiny-sdxl", tiny_sdxl)
-    shapes = get_spec("unet").input_shapes(info, Shape(8, 16, 2))
+    shapes = get_component("unet").input_shapes(info, Shape(8, 16, 2))
     assert shapes == {"sample": (2, 4, 8, 16), "timestep": (2,), "encoder_hidden_states": (2, 77, 64),
                       "text_embeds": (2, 32), "time_ids": (2, 6)}

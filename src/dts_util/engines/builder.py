@@ -27,10 +27,10 @@ from dts_util.engines.device import device_fingerprint, device_info, device_tag
 from dts_util.engines.export import export_component, relative_l2
 from dts_util.engines.paths import EngineKey, EnginePaths, engine_paths
 from dts_util.engines.registry import MANIFEST_FORMAT, EngineRegistry, parse_manifest
-from dts_util.engines.specs import ComponentSpec, get_spec
+from dts_util.engines.components import ComponentDescriptor, get_component
 from dts_util.errors import EngineBuildError, InvalidRequest
 from dts_util.models.loader import LoadedModel
-from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
+from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
 ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}  # relative L2 against PyTorch fp32
@@ -40,7 +40,7 @@ ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}  # relative L2 aga
 class BuildJob:
     """One engine to build: what, for which shape, with which backend, and where it goes."""
 
-    spec: ComponentSpec
+    component: ComponentDescriptor
     shape: Shape
     backend: Backend
     precision: str
@@ -52,7 +52,7 @@ class BuildJob:
     @property
     def label(self) -> str:
         text = f" t{self.shape.text_length}" if self.shape.text_length != TOKENS_PER_CHUNK else ""
-        return f"{self.spec.name} {self.key.resolution} b{self.shape.batch}{text}"
+        return f"{self.component.name} {self.key.resolution} b{self.shape.batch}{text}"
 
 
 @dataclass
@@ -98,20 +98,20 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
     info = device_info(device)
     scale = model.info.vae_scale_factor
     jobs, seen = [], set()
+    descriptors = [get_component(name) for name in components]
     for width, height in resolutions:
         for batch_size in batch_sizes:
-            for component in components:
-                batches = unet_batches(batch_size, cfg) if component == "unet" else [batch_size]
-                lengths = [TOKENS_PER_CHUNK * n for n in prompt_chunks] if component == "unet" else [TOKENS_PER_CHUNK]
+            for component in descriptors:
+                batches = unet_batches(batch_size, cfg) if component.guided else [batch_size]
+                lengths = [TOKENS_PER_CHUNK * n for n in prompt_chunks] if component.guided else [TOKENS_PER_CHUNK]
                 for batch, text_length in ((b, t) for b in batches for t in lengths):
                     shape = Shape(height // scale, width // scale, batch, text_length)
-                    if (component, shape) in seen:
+                    if (component.name, shape) in seen:
                         continue
-                    seen.add((component, shape))
-                    key = EngineKey(model.name, model.fingerprint, component, precision, backend.name,
+                    seen.add((component.name, shape))
+                    key = EngineKey(model.name, model.fingerprint, component.name, precision, backend.name,
                                     backend.version(), device_tag(info), shape, scale)
-                    job = BuildJob(get_spec(component), shape, backend, precision, device, key,
-                                   engine_paths(engine_dir, key))
+                    job = BuildJob(component, shape, backend, precision, device, key, engine_paths(engine_dir, key))
                     job.skip_reason = existing_engine(job, device_fingerprint(info))
                     jobs.append(job)
     return jobs
@@ -126,7 +126,7 @@ def default_build_device(backend: str) -> str:
         return "cuda" if ENTRIES[backend].gpu else "cpu"
     from dts_util.engines.backends.onnxruntime import providers_for
 
-    return "cuda" if torch.cuda.is_available() and providers_for("cuda")[0] == "CUDAExecutionProvider" else "cpu"
+    return "cuda" if torch.cuda.is_available() and len(providers_for("cuda")) > 1 else "cpu"
 
 
 def existing_engine(job: BuildJob, device_fp: str) -> str:
@@ -154,15 +154,15 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
         return BuildResult(job, "skipped", error=job.skip_reason)
     start = time.perf_counter()
     on_stage("export")
-    onnx_path, export_record = export_component(model, job.spec, engine_dir)
+    onnx_path, export_record = export_component(model, job.component, engine_dir)
     on_stage("build")
     folder = job.paths.engine.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
     try:
-        input_shapes = job.spec.input_shapes(model.info, job.shape)
+        input_shapes = job.component.input_shapes(model.info, job.shape)
         build_start = time.perf_counter()
-        written = job.backend.build(onnx_path, input_shapes, job.spec.free_dimensions(job.shape), job.precision,
+        written = job.backend.build(onnx_path, input_shapes, job.component.free_dimensions(job.shape), job.precision,
                                     tmp / job.paths.engine.name, job.device, cache_dir=folder)
         build_seconds = time.perf_counter() - build_start
         on_stage("validate")
@@ -185,11 +185,11 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
 
 def validate_engine(job: BuildJob, model: LoadedModel, engine_path: Path, seed: int = 2) -> float:
     """Relative L2 between the engine and eager PyTorch fp32 at the engine's exact shape."""
-    inputs = job.spec.sample_inputs(model.info, job.shape, seed=seed)
+    inputs = job.component.sample_inputs(model.info, job.shape, seed=seed)
     with torch.inference_mode():
-        expected = job.spec.export_module(model)(**inputs)
-    runner = job.backend.load(engine_path, job.spec.input_shapes(model.info, job.shape),
-                              job.spec.output_names()[0], job.device)
+        expected = job.component.export_module(model)(**inputs)
+    runner = job.backend.load(engine_path, job.component.input_shapes(model.info, job.shape),
+                              job.component.output_name, job.device)
     with runner:
         actual = runner(**{name: value.to(job.device) for name, value in inputs.items()})
     return relative_l2(actual.float().cpu(), expected)
@@ -202,7 +202,7 @@ def _manifest(job: BuildJob, model: LoadedModel, files: list[Path], input_shapes
         "format": MANIFEST_FORMAT,
         "model": model.name,
         "model_fingerprint": model.fingerprint,
-        "component": job.spec.name,
+        "component": job.component.name,
         "backend": job.backend.name,
         "backend_version": job.backend.version(),
         "precision": job.precision,
@@ -211,7 +211,7 @@ def _manifest(job: BuildJob, model: LoadedModel, files: list[Path], input_shapes
         "shape": asdict(job.shape),
         "resolution": job.key.resolution,
         "input_shapes": {name: list(dims) for name, dims in input_shapes.items()},
-        "output_name": job.spec.output_names()[0],
+        "output_name": job.component.output_name,
         "engine_file": job.paths.engine.name,
         "engine_bytes": files[0].stat().st_size,  # checked against the file to catch truncation
         "total_bytes": sum(f.stat().st_size for f in files),  # with external weights

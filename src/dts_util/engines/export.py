@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dts_util.engines.paths import onnx_dir
-from dts_util.engines.specs import ComponentSpec
+from dts_util.engines.components import ComponentDescriptor
 from dts_util.errors import EngineBuildError
 from dts_util.models.loader import LoadedModel
 
@@ -69,29 +69,29 @@ def read_export_record(folder: Path) -> ExportRecord | None:
         return None
 
 
-def export_component(model: LoadedModel, spec: ComponentSpec, engine_dir: Path,
+def export_component(model: LoadedModel, component: ComponentDescriptor, engine_dir: Path,
                      tolerance: float = EXPORT_TOLERANCE) -> tuple[Path, ExportRecord]:
-    """Export (or reuse) ``spec``'s ONNX for ``model``; returns the .onnx path and its record.
+    """Export (or reuse) ``component``'s ONNX for ``model``; returns the .onnx path and its record.
 
     ``model`` must be an fp32 model on the CPU (see ``load_model(..., device="cpu")``).
     The export is written to a temporary folder, validated, and renamed into place.
     """
-    final = onnx_dir(engine_dir, model.name, model.fingerprint, spec.name, "fp32")
+    final = onnx_dir(engine_dir, model.name, model.fingerprint, component.name, "fp32")
     record = read_export_record(final)
     if record is not None and record.model_fingerprint == model.fingerprint and record.format == EXPORT_FORMAT \
             and (final / MODEL_FILE).is_file():
         return final / MODEL_FILE, record
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".partial-{spec.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".partial-{component.name}-", dir=final.parent))
     try:
         start = time.perf_counter()
-        path, streamed = _export_to(model, spec, tmp)
-        rel_l2 = validate_onnx(model, spec, path, free_eager=streamed)
+        path, streamed = _export_to(model, component, tmp)
+        rel_l2 = validate_onnx(model, component, path, free_eager=streamed)
         if rel_l2 > tolerance:
-            raise EngineBuildError(f"ONNX export of {spec.name} differs from PyTorch: relative L2 error "
+            raise EngineBuildError(f"ONNX export of {component.name} differs from PyTorch: relative L2 error "
                                    f"{rel_l2:.2e} > tolerance {tolerance:.0e}; the export is not usable")
         size = sum(f.stat().st_size for f in tmp.iterdir())
-        record = ExportRecord(spec.name, model.fingerprint, OPSET, rel_l2, tolerance,
+        record = ExportRecord(component.name, model.fingerprint, OPSET, rel_l2, tolerance,
                               round(time.perf_counter() - start, 2), size, torch.__version__, EXPORT_FORMAT)
         (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
         if final.exists():
@@ -100,20 +100,20 @@ def export_component(model: LoadedModel, spec: ComponentSpec, engine_dir: Path,
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s of %r to ONNX (rel L2 %.2e, %.1fs)", spec.name, model.name, record.rel_l2, record.seconds)
+    log.info("exported %s of %r to ONNX (rel L2 %.2e, %.1fs)", component.name, model.name, record.rel_l2, record.seconds)
     return final / MODEL_FILE, record
 
 
-def _export_to(model: LoadedModel, spec: ComponentSpec, folder: Path) -> tuple[Path, bool]:
+def _export_to(model: LoadedModel, component: ComponentDescriptor, folder: Path) -> tuple[Path, bool]:
     """torch.onnx.export (TorchScript exporter) into ``folder``, weights over 2 GB as one external file.
     Returns the .onnx path and whether the weights were streamed (big models)."""
     import onnx
 
     info = model.info
-    inputs = spec.sample_inputs(info, spec.representative_shape(info))
-    module = spec.export_module(model)
+    inputs = component.sample_inputs(info, component.representative_shape(info))
+    module = component.export_module(model)
     if _weight_bytes(module) >= STREAMED_EXPORT_MIN_BYTES:
-        return _export_streamed(module, spec, info, inputs, folder), True
+        return _export_streamed(module, component, info, inputs, folder), True
     raw = folder / "raw"
     raw.mkdir()
     # The tracer warns about every Python-side shape check in diffusers; they are expected.
@@ -121,7 +121,7 @@ def _export_to(model: LoadedModel, spec: ComponentSpec, folder: Path) -> tuple[P
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, tuple(inputs.values()), str(raw / MODEL_FILE),
-            input_names=list(inputs), output_names=spec.output_names(), dynamic_axes=spec.dynamic_axes(info),
+            input_names=list(inputs), output_names=component.output_names(), dynamic_axes=component.dynamic_axes(info),
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     # Past protobuf's 2 GB limit the exporter scatters the weights over one file per tensor;
@@ -144,7 +144,7 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _named_tensors(module).values())
 
 
-def _export_streamed(module: torch.nn.Module, spec: ComponentSpec, info, inputs: dict, folder: Path) -> Path:
+def _export_streamed(module: torch.nn.Module, component: ComponentDescriptor, info, inputs: dict, folder: Path) -> Path:
     """Export the graph without weights, then write each weight to the one data file in turn.
 
     Weights become graph inputs named after the module's parameters; each is turned back into
@@ -159,7 +159,7 @@ def _export_streamed(module: torch.nn.Module, spec: ComponentSpec, info, inputs:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, tuple(inputs.values()), str(folder / MODEL_FILE), input_names=list(inputs),
-            output_names=spec.output_names(), dynamic_axes=spec.dynamic_axes(info), opset_version=OPSET,
+            output_names=component.output_names(), dynamic_axes=component.dynamic_axes(info), opset_version=OPSET,
             do_constant_folding=False, export_params=False, keep_initializers_as_inputs=True, dynamo=False,
         )
     proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
@@ -186,7 +186,7 @@ def _export_streamed(module: torch.nn.Module, spec: ComponentSpec, info, inputs:
     return folder / MODEL_FILE
 
 
-def validate_onnx(model: LoadedModel, spec: ComponentSpec, path: Path, seed: int = 1,
+def validate_onnx(model: LoadedModel, component: ComponentDescriptor, path: Path, seed: int = 1,
                   free_eager: bool = False) -> float:
     """Relative L2 between ONNX Runtime (through polygraphy's runner) and PyTorch on seeded inputs.
 
@@ -198,16 +198,16 @@ def validate_onnx(model: LoadedModel, spec: ComponentSpec, path: Path, seed: int
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-session info lines would interleave with our progress
     info = model.info
-    inputs = spec.sample_inputs(info, spec.representative_shape(info), seed=seed)
+    inputs = component.sample_inputs(info, component.representative_shape(info), seed=seed)
     with torch.inference_mode():
-        expected = spec.export_module(model)(**inputs)
+        expected = component.export_module(model)(**inputs)
     if free_eager:
-        model.unload("vae" if spec.name == "vae_decoder" else spec.name)
+        model.unload(component.weights)
         import gc
 
         gc.collect()
     with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
         outputs = runner.infer({name: value.numpy() for name, value in inputs.items()})
-    actual = torch.from_numpy(outputs[spec.output_names()[0]])
+    actual = torch.from_numpy(outputs[component.output_name])
     return relative_l2(actual, expected)
 

@@ -21,7 +21,7 @@ from dts_util.engines.backends.base import Runner
 from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.registry import EngineRecord, EngineRegistry
 from dts_util.models.loader import LoadedModel
-from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
+from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
 PREFERENCE = {name: rank for rank, name in enumerate(BACKENDS)}  # tensorrt, openvino, onnxruntime
@@ -35,9 +35,11 @@ class EngineManager:
         engine_dir: the engine cache root.
         build_missing: queue background builds for shapes that had no engine.
         max_resident: runners kept loaded per component (each holds its own weights).
+        builds: a background builder shared with other workers' managers (overrides ``build_missing``).
     """
 
-    def __init__(self, engine_dir: Path, build_missing: bool = False, max_resident: int = 2) -> None:
+    def __init__(self, engine_dir: Path, build_missing: bool = False, max_resident: int = 2,
+                 builds: "BackgroundBuilds | None" = None) -> None:
         self.registry = EngineRegistry(engine_dir)
         self.engine_dir = Path(engine_dir)
         self.max_resident = max_resident
@@ -45,7 +47,7 @@ class EngineManager:
         self._broken: dict[Path, tuple[int, str]] = {}
         self._versions: dict[str, str] | None = None
         self._lock = threading.RLock()
-        self.builds = BackgroundBuilds(engine_dir) if build_missing else None
+        self.builds = builds or (BackgroundBuilds(engine_dir) if build_missing else None)
 
     def backend_versions(self) -> dict[str, str]:
         """Backends that can run here, with their versions (probed once)."""
@@ -130,15 +132,17 @@ class BackgroundBuilds:
         self.engine_dir = engine_dir
         self._queue: queue.Queue = queue.Queue()
         self._requested: set[tuple[str, str, str, Shape]] = set()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="engine-builds", daemon=True)
         self._thread.start()
 
     def request(self, model: LoadedModel, component: str, shape: Shape) -> bool:
         """Queue a build once per (model weights, component, shape); True if newly queued."""
         key = (model.name, model.fingerprint, component, shape)
-        if key in self._requested:
-            return False
-        self._requested.add(key)
+        with self._lock:  # workers on several devices may ask for the same shape at once
+            if key in self._requested:
+                return False
+            self._requested.add(key)
         self._queue.put((model, component, shape))
         return True
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dts_util.pipeline.components import TOKENS_PER_CHUNK, Shape
+from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 
 MANIFEST_SUFFIX = ".manifest.json"
 

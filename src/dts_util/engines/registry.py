@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dts_util.engines.paths import MANIFEST_SUFFIX
-from dts_util.pipeline.components import Shape
+from dts_util.boundary import Shape
 
 log = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1

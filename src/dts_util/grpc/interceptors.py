@@ -189,7 +189,7 @@ class _Outcome:
             self.code = self.context.code() or grpc.StatusCode.UNKNOWN
             return False
         if isinstance(exc, DtsError):
-            self.code, message = exc.code, self.call.scrub(str(exc))
+            self.code, message = grpc.StatusCode[exc.code], self.call.scrub(str(exc))
             self.fields["error"] = message
         elif isinstance(exc, Exception):  # a bug, not the client's doing: log it, answer INTERNAL, keep serving
             self.code = grpc.StatusCode.INTERNAL

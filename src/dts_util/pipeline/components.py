@@ -8,29 +8,11 @@ backend it is and, when it is a fallback, why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-
-# CLIP reads 77 tokens: one 75-token chunk between its start and end tokens.
-TOKENS_PER_CHUNK = 77
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The static shape a component runs at: latent height/width and batch as the component sees it,
-    and (for the UNet) the length of the text conditioning, 77 tokens per prompt chunk."""
-
-    latent_height: int
-    latent_width: int
-    batch: int
-    text_length: int = TOKENS_PER_CHUNK
-
-    def describe(self, vae_scale: int = 8) -> str:
-        text = f" t{self.text_length}" if self.text_length != TOKENS_PER_CHUNK else ""
-        return f"{self.latent_width * vae_scale}x{self.latent_height * vae_scale} b{self.batch}{text}"
+from dts_util.boundary import Shape
 
 
 class Component(Protocol):

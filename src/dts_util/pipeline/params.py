@@ -11,6 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from dts_util.boundary import GenerationRequest
 from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest
 from dts_util.limits import MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_SAMPLER_CHARS
@@ -32,32 +33,6 @@ MAX_CLIP_SKIP = 12
 OUTPUT_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 10.0
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A GenerateImage request, field for field (plus the dts-util extensions)."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    width: int = 0
-    height: int = 0
-    steps: int = 0
-    cfg_scale: float = 0.0
-    seed: int = -1
-    sampler: str = ""
-    restore_faces: bool = False
-    enable_hr: bool = False
-    denoising_strength: float = 0.0
-    batch_size: int = 0
-    batch_count: int = 0
-    model: str = ""
-    hr_scale: float = 0.0
-    clip_skip: int = 0
-    loras: tuple[tuple[str, float], ...] = ()
-    preview_every: int = 0
-    output_format: str = ""
-    quality: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dts_util.pipeline.components import TOKENS_PER_CHUNK
+from dts_util.boundary import TOKENS_PER_CHUNK
 
 TEXT_TOKENS_PER_CHUNK = TOKENS_PER_CHUNK - 2
 # Cross-attention cost grows with every chunk; 8 chunks are 600 tokens, far more than real prompts use.

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dts_util.boundary import Shape
 from dts_util.errors import GenerationCancelled
 from dts_util.models.loader import LoadedModel
-from dts_util.pipeline.components import Component, ComponentProvider, Shape, describe_backend
+from dts_util.pipeline.components import Component, ComponentProvider, describe_backend
 from dts_util.pipeline.params import ResolvedRequest
 from dts_util.pipeline.prompts import TokenChunks, pad_to_chunks, tokenize_chunks
 from dts_util.pipeline.samplers import make_scheduler, step_accepts_generator

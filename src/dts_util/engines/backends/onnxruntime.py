@@ -40,12 +40,17 @@ def _ort():
     return onnxruntime
 
 
-def providers_for(device: str) -> list[str]:
-    """CUDA provider for a CUDA device when onnxruntime-gpu has it; the CPU provider otherwise."""
+def providers_for(device: str) -> list:
+    """CUDA provider pinned to the device's GPU when onnxruntime-gpu has it; the CPU provider otherwise."""
     available = _ort().get_available_providers()
     if device.startswith("cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
 
 
 def use_shared_cpu_arena(options) -> None:
@@ -81,7 +86,7 @@ class OnnxRuntimeRunner(Runner):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
         providers = providers_for(self.device)
-        if providers[0] == "CPUExecutionProvider":
+        if _provider_name(providers[0]) == "CPUExecutionProvider":
             use_shared_cpu_arena(options)
         self.session = ort.InferenceSession(str(self.engine_path), options, providers=providers)
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"

@@ -64,8 +64,14 @@ class TensorRTRunner(Runner):
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def activate_impl(self) -> None:
-        trt = _trt()
         require(self.device.startswith("cuda"), f"TensorRT engines run on CUDA devices, not {self.device!r}")
+        # The engine's memory and context belong to the GPU that is current while it is deserialized:
+        # make it this worker's.
+        with torch.cuda.device(self.device):
+            self._deserialize()
+
+    def _deserialize(self) -> None:
+        trt = _trt()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
         self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
@@ -90,6 +96,10 @@ class TensorRTRunner(Runner):
         del self.context, self.engine, self.runtime, self.buffers
 
     def infer_impl(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.cuda.device(self.device):
+            return self._infer_on_device(inputs)
+
+    def _infer_on_device(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         for name, value in inputs.items():
             self.buffers[name].copy_(value, non_blocking=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -6,9 +6,8 @@ import json
 from dataclasses import fields
 from typing import Iterator
 
+from dts_util.boundary import GenerationOutput, GenerationRequest
 from dts_util.grpc.proto import image_generation_pb2 as pb
-from dts_util.pipeline.params import GenerationRequest
-from dts_util.service import GenerationOutput
 
 
 def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:

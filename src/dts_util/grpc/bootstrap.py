@@ -1,4 +1,6 @@
-"""Server start-up: gRPC server, interceptor, TLS, health, reflection, signals, graceful stop."""
+"""Server start-up: one gRPC server for a list of protocol services, with the interceptor, TLS,
+health (overall and per service), reflection, signals and a graceful stop. No ML: the model
+layer arrives as an ``ImageGenerator``."""
 
 from __future__ import annotations
 
@@ -14,38 +16,39 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dts_util.boundary import ImageGenerator
 from dts_util.config import ServerConfig, is_loopback
 from dts_util.errors import StartupError
+from dts_util.grpc import drawthings
 from dts_util.grpc.interceptors import RequestInterceptor
-from dts_util.grpc.proto import image_generation_pb2 as pb
-from dts_util.grpc.proto import image_generation_pb2_grpc as pb_grpc
-from dts_util.grpc.servicer import ImageGenerationServicer
+from dts_util.grpc.protocol import ProtocolService
 from dts_util.limits import MAX_RECEIVE_MESSAGE_BYTES, MAX_RESPONSE_BYTES
-from dts_util.service import ImageService
-from dts_util.work_queue import GenerationQueue
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGenerationService"].full_name
+# The protocols a server speaks; a new one is a package under grpc/ and an entry here.
+PROTOCOLS: tuple[ProtocolService, ...] = (drawthings.SERVICE,)
 # Seconds in-flight RPCs get to finish on SIGTERM/SIGINT before they are cancelled.
 GRACE_SECONDS = 10.0
 
 
 class RunningServer:
-    """A started server: its port, health servicer and queue, for tests and ``serve``."""
+    """A started server: its port, health servicer, services and model layer, for tests and ``serve``."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
-                 queue: GenerationQueue, service: ImageService) -> None:
-        self.server, self.port, self.health, self.queue, self.service = server, port, health_servicer, queue, service
+                 generator: ImageGenerator, service_names: list[str]) -> None:
+        self.server, self.port, self.health = server, port, health_servicer
+        self.generator, self.service_names = generator, service_names
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool, service: str | None = None) -> None:
+        """Health of one service, or of the server ("") and every service when ``service`` is None."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ([service] if service is not None else ["", *self.service_names]):
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = GRACE_SECONDS) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        self.queue.shutdown()
+        await asyncio.to_thread(self.generator.close)
 
 
 def path_scrubber(config: ServerConfig) -> Callable[[str], str]:
@@ -107,8 +110,10 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     return port
 
 
-async def start_server(config: ServerConfig, service: ImageService) -> RunningServer:
-    """Bind, register services and start; health says NOT_SERVING until ``set_serving(True)``."""
+async def start_server(config: ServerConfig, generator: ImageGenerator,
+                       protocols: tuple[ProtocolService, ...] = PROTOCOLS) -> RunningServer:
+    """Bind, register ``protocols`` over ``generator`` and start; health says NOT_SERVING until
+    ``set_serving(True)``."""
     options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
                # gRPC sets SO_REUSEPORT by default: a second server on a busy port would "start" and
@@ -116,16 +121,16 @@ async def start_server(config: ServerConfig, service: ImageService) -> RunningSe
                ("grpc.so_reuseport", 0)]
     interceptor = RequestInterceptor(config.auth_token, path_scrubber(config))
     server = grpc.aio.server(interceptors=[interceptor], options=options)
-    queue = GenerationQueue(config.max_queue)
-    pb_grpc.add_ImageGenerationServiceServicer_to_server(
-        ImageGenerationServicer(service, queue, config.upload_idle_timeout), server)
+    for protocol in protocols:
+        protocol.register(server, generator, config)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [protocol.name for protocol in protocols]
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     port = _bind(server, config)
     await server.start()
-    running = RunningServer(server, port, health_servicer, queue, service)
+    running = RunningServer(server, port, health_servicer, generator, names)
     await running.set_serving(False)
     return running
 
@@ -136,14 +141,12 @@ def _describe_security(config: ServerConfig) -> str:
     return f"{auth}, {tls}"
 
 
-async def serve(config: ServerConfig, service: ImageService) -> None:
+async def serve(config: ServerConfig, generator: ImageGenerator) -> None:
     """Run until SIGINT/SIGTERM: listen (Echo answers at once), then warm up the default model."""
     # Before listening: no request can race the built-in model's creation, and a default model that
     # cannot be served stops start-up with one clear line rather than failing every request.
-    await asyncio.to_thread(service.store.sweep_temporary_files)
-    await asyncio.to_thread(service.ensure_default_model)
-    await asyncio.to_thread(service.model, "")
-    running = await start_server(config, service)
+    await asyncio.to_thread(generator.prepare_store)
+    running = await start_server(config, generator)
     if config.metrics_port:
         from dts_util.metrics import serve_metrics
 
@@ -165,12 +168,10 @@ async def serve(config: ServerConfig, service: ImageService) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.to_thread(service.warm_up)
+        await asyncio.to_thread(generator.warm_up)
         await running.set_serving(True)
         log.info("ready: health is SERVING")
         await stop.wait()
     finally:
         log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
         await running.stop()
-        if service.engines is not None:
-            service.engines.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
@@ -17,34 +16,33 @@ import grpc
 from dts_util import __version__
 from dts_util.client_text import quote
 from dts_util.errors import CallCancelled, DtsError, InvalidRequest, UploadStalled
-from dts_util.grpc import convert
+from dts_util.boundary import ImageGenerator
+from dts_util.grpc.drawthings import convert
 from dts_util.grpc.interceptors import request_log
 from dts_util.grpc.proto import image_generation_pb2 as pb
 from dts_util.grpc.proto import image_generation_pb2_grpc as pb_grpc
 from dts_util.limits import MAX_FILES_EXIST_ENTRIES, MAX_PATH_CHARS
 from dts_util.models.store import Upload
-from dts_util.service import ImageService
-from dts_util.work_queue import GenerationQueue
 
 T = TypeVar("T")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
-    """The Draw Things RPCs over an ``ImageService``.
+    """The Draw Things RPCs over the model layer.
 
     Args:
-        service: the model layer (its store enforces the upload limits).
-        queue: runs generations one at a time; bounds how many may wait.
+        generator: the model layer (a ``WorkerPool``): runs generations, owns the store, whose
+            policy bounds uploads.
         upload_idle_timeout: seconds an upload may go without a message before it is aborted.
     """
 
-    def __init__(self, service: ImageService, queue: GenerationQueue, upload_idle_timeout: float) -> None:
-        self.service, self.queue, self.upload_idle_timeout = service, queue, upload_idle_timeout
+    def __init__(self, generator: ImageGenerator, upload_idle_timeout: float) -> None:
+        self.generator, self.upload_idle_timeout = generator, upload_idle_timeout
 
     async def Echo(self, request: pb.EchoRequest, context: grpc.aio.ServicerContext) -> pb.EchoResponse:
-        models = await asyncio.to_thread(self.service.model_names)
-        return convert.echo_response(__version__, models, self.service.config.default_model)
+        models = await asyncio.to_thread(self.generator.model_names)
+        return convert.echo_response(__version__, models, self.generator.default_model)
 
     async def FilesExist(self, request: pb.FilesExistRequest,
                          context: grpc.aio.ServicerContext) -> pb.FilesExistResponse:
@@ -59,32 +57,28 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         results = []
         for name in names:
             try:
-                results.append((name, self.service.store.exists(name), ""))
+                results.append((name, self.generator.store.exists(name), ""))
             except DtsError as exc:  # one bad path is an entry's error, not a failed call
                 results.append((name[:MAX_PATH_CHARS], False, str(exc)))
         return results
 
     async def GenerateImage(self, request: pb.ImageGenerationRequest,
                             context: grpc.aio.ServicerContext) -> pb.ImageGenerationResponse:
-        model, resolved = await asyncio.to_thread(self.service.prepare, convert.generation_request(request))
-        stop = threading.Event()
-        output = await self.queue.run(lambda: self.service.generate(model, resolved, stop.is_set), stop)
+        output = await self.generator.generate(convert.generation_request(request))
         request_log()["summary"] = output.summary
         return convert.generation_response(output)
 
     async def GenerateImageStream(self, request: pb.ImageGenerationRequest,
                                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerationUpdate]:
         """GenerateImage, streamed: progress events as they happen, then images in pieces, then the info."""
-        model, resolved = await asyncio.to_thread(self.service.prepare, convert.generation_request(request), True)
         updates: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         def on_update(event: dict, preview: bytes | None) -> None:  # called from the generation thread
             loop.call_soon_threadsafe(updates.put_nowait, convert.progress_update(event, preview))
 
-        stop = threading.Event()
-        job = asyncio.ensure_future(self.queue.run(
-            lambda: self.service.generate(model, resolved, stop.is_set, on_update), stop))
+        job = asyncio.ensure_future(self.generator.generate(convert.generation_request(request), streamed=True,
+                                                            on_update=on_update))
         try:
             while not job.done() or not updates.empty():
                 next_update = asyncio.ensure_future(updates.get())
@@ -95,7 +89,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
                     next_update.cancel()
             output = job.result()
         except BaseException:
-            job.cancel()  # the queue sets the stop flag; the generation ends at its next step
+            job.cancel()  # the worker's queue sets the stop flag; the generation ends at its next step
             raise
         request_log()["summary"] = output.summary
         for update in convert.image_pieces(output.images):
@@ -121,14 +115,14 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
             upload.abort()
             raise
         if not upload.unchanged:
-            self.service.files_changed(upload.target)
+            self.generator.files_changed(upload.target)
         request_log().update(bytes=upload.size, unchanged=upload.unchanged)
         return convert.upload_response(quote(first.filename), upload.size, digest, upload.unchanged)
 
     async def _open(self, first: pb.UploadFileRequest) -> Upload:
         """Open the upload in a thread; if the call is cancelled meanwhile, abort what was opened."""
         opening = asyncio.get_running_loop().run_in_executor(
-            None, self.service.store.open_upload, first.filename, first.overwrite, first.total_size)
+            None, self.generator.store.open_upload, first.filename, first.overwrite, first.total_size)
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:

@@ -1,0 +1,105 @@
+"""The types that cross the line between a protocol and the model layer.
+
+A protocol package (``grpc/drawthings``) turns its messages into a
+``GenerationRequest``, hands it to an ``ImageGenerator`` and turns the
+``GenerationOutput`` back into messages; engines and the pipeline describe static
+shapes with ``Shape``. Nothing here imports torch or grpc, so a protocol can be
+loaded, served and tested without a model, and ``dts-util test`` starts fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from dts_util.models.store import ModelStore
+
+# CLIP reads 77 tokens: one 75-token chunk between its start and end tokens.
+TOKENS_PER_CHUNK = 77
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The static shape a component runs at: latent height/width and batch as the component sees it,
+    and (for the UNet) the length of the text conditioning, 77 tokens per prompt chunk."""
+
+    latent_height: int
+    latent_width: int
+    batch: int
+    text_length: int = TOKENS_PER_CHUNK
+
+    def describe(self, vae_scale: int = 8) -> str:
+        text = f" t{self.text_length}" if self.text_length != TOKENS_PER_CHUNK else ""
+        return f"{self.latent_width * vae_scale}x{self.latent_height * vae_scale} b{self.batch}{text}"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A GenerateImage request, field for field (plus the dts-util extensions).
+
+    0 (or "") means "use the default", since proto3 cannot tell unset from 0;
+    ``pipeline.params.resolve`` checks the values and fills the defaults.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    cfg_scale: float = 0.0
+    seed: int = -1
+    sampler: str = ""
+    restore_faces: bool = False
+    enable_hr: bool = False
+    denoising_strength: float = 0.0
+    batch_size: int = 0
+    batch_count: int = 0
+    model: str = ""
+    hr_scale: float = 0.0
+    clip_skip: int = 0
+    loras: tuple[tuple[str, float], ...] = ()
+    preview_every: int = 0
+    output_format: str = ""
+    quality: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """What a generation returns, plus a one-line summary for the request log."""
+
+    images: list[bytes]
+    info: str
+    events: list[str]
+    summary: str
+
+
+# Called from the generation thread with each progress event and, on preview steps, a preview PNG.
+UpdateCallback = Callable[[dict, "bytes | None"], None]
+
+
+class ImageGenerator(Protocol):
+    """What a protocol needs from the model layer (``workers.WorkerPool`` is the real one)."""
+
+    store: "ModelStore"
+    default_model: str
+
+    def model_names(self) -> list[str]:
+        """Models clients may name, for Echo."""
+
+    def files_changed(self, path: Path) -> None:
+        """A store file was replaced: forget what was loaded from it."""
+
+    async def generate(self, request: GenerationRequest, *, streamed: bool = False,
+                       on_update: UpdateCallback | None = None) -> GenerationOutput:
+        """Check, queue and run one request; cancelling the awaiting task stops it at the next step."""
+
+    def prepare_store(self) -> None:
+        """Before listening: clean the store of abandoned temporary files, create the built-in model."""
+
+    def warm_up(self) -> None:
+        """Load what the first request would otherwise wait for."""
+
+    def close(self) -> None:
+        """Stop the workers and release engines."""
