@@ -7,8 +7,10 @@ half-closing) and checks that not one of them was committed.
 
 from __future__ import annotations
 
+
 import asyncio
 import hashlib
+import os
 import random
 import threading
 import time
@@ -173,7 +175,9 @@ def test_temporary_files_are_swept_at_start_up(model_store, tmp_path, base_confi
     leftovers = [root / f"{TEMP_PREFIX}abc", root / f"deep/er/{TEMP_PREFIX}def"]
     for path in leftovers:
         path.write_bytes(b"half")
-    (root / f"{RESERVED_PREFIX}builtin-xyz").mkdir()
+    abandoned = root / f"{RESERVED_PREFIX}builtin-xyz"
+    abandoned.mkdir()
+    os.utime(abandoned, (time.time() - 3600,) * 2)  # an interrupted build, an hour old
     assert ModelStore(root).sweep_temporary_files() == 3
     assert not _leftovers(root) and (root / "deep/er").is_dir()
     # the server does the same on start-up (``serve``); here through the store it uses
@@ -181,6 +185,18 @@ def test_temporary_files_are_swept_at_start_up(model_store, tmp_path, base_confi
     with ServerThread(replace(base_config, model_dir=root)) as server:
         server.service.store.sweep_temporary_files()
     assert not _leftovers(root)
+
+
+def test_a_folder_another_server_is_building_is_not_swept(model_store, tmp_path) -> None:
+    from dts_util.models.store import publish_folder
+
+    def fill(folder) -> None:
+        os.utime(folder, (time.time() - 3600,) * 2)  # old enough that only its lock protects it
+        assert ModelStore(model_store.root).sweep_temporary_files() == 0
+        (folder / "model_index.json").write_text("{}")
+
+    target = publish_folder(model_store.root / "being-built", fill)
+    assert (target / "model_index.json").is_file()
 
 
 def test_a_live_upload_is_not_swept_by_a_second_server(client, model_store) -> None:

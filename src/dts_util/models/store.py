@@ -25,6 +25,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -265,8 +266,7 @@ class ModelStore:
         for folder, dirs, files in os.walk(self.root):
             for name in [d for d in dirs if d.startswith(RESERVED_PREFIX)]:
                 dirs.remove(name)  # never descend into a temporary folder: remove it whole
-                shutil.rmtree(Path(folder, name), ignore_errors=True)
-                removed += 1
+                removed += _remove_abandoned_folder(Path(folder, name))
             removed += sum(_remove_unlocked(Path(folder, f)) for f in files if f.startswith(RESERVED_PREFIX))
         if removed:
             log.info("removed %d temporary file(s) of interrupted uploads from the model store", removed)
@@ -285,7 +285,9 @@ def publish_folder(target: Path, fill: Callable[[Path], None],
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{RESERVED_PREFIX}{target.name[:40]}-", dir=target.parent))
+    lock = os.open(tmp, os.O_RDONLY)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # tells another server sweeping a shared store that we are alive
         fill(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the folder is an ordinary one
         tmp.rename(target)
@@ -297,12 +299,36 @@ def publish_folder(target: Path, fill: Callable[[Path], None],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return target
 
 
 def _exists_message(name: str) -> str:
     return (f"{quote(name)} already exists in the model store with different contents; "
             "send overwrite=true (`dts-util upload --overwrite`) to replace it")
+
+
+# A temporary folder this young may be between its creation and its lock: left alone.
+_FOLDER_LOCK_GRACE_S = 60.0
+
+
+def _remove_abandoned_folder(path: Path) -> bool:
+    """Remove a temporary folder unless a live process (holding its lock) is still filling it."""
+    try:
+        if time.time() - path.stat().st_mtime < _FOLDER_LOCK_GRACE_S:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # another server sharing this store is building it
+    finally:
+        os.close(fd)
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def _remove_unlocked(path: Path) -> bool:
