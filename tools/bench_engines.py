@@ -224,7 +224,7 @@ def available_backends(device: str) -> list[str]:
     if openvino_available()[0] and not device.startswith("cuda"):
         found += ["openvino:fp32"] + (["openvino:bf16"] if cpu_has_bf16() else [])
     if onnxruntime_available()[0]:
-        from dts_util.engines.builder import default_build_device
+        from dts_util.engines.backends import default_build_device
 
         # On a GPU, CPU-provider onnxruntime engines would be measured against GPU eager: skip them.
         if default_build_device("onnxruntime") == ("cuda" if device.startswith("cuda") else "cpu"):

@@ -408,10 +408,12 @@ def build_engines(
     batch_size: Annotated[list[int], typer.Option(help="Images per pass; repeatable. The UNet is built at 2x "
                                                        "this with CFG.", rich_help_panel=BUILD)] = [1],
     backend: Annotated[BackendChoice, typer.Option(
-        help="auto = tensorrt on a CUDA machine where it runs; on the CPU openvino when installed, else onnxruntime.",
+        help="auto = on a CUDA machine tensorrt where it imports, else aotinductor; on the CPU openvino when "
+             "installed, else onnxruntime.",
         rich_help_panel=BUILD)] = BackendChoice.auto,
     precision: Annotated[PrecisionChoice, typer.Option(
-        help="auto = fp16 for tensorrt; bf16 for openvino on CPUs with AVX512_BF16 or AMX; fp32 otherwise.",
+        help="auto = fp16 for tensorrt and for aotinductor on CUDA; bf16 for openvino on CPUs with AVX512_BF16 "
+             "or AMX; fp32 otherwise.",
         rich_help_panel=BUILD)] = PrecisionChoice.auto,
     component: Annotated[Optional[list[ComponentChoice]], typer.Option(
         help="Components to build; repeatable.", rich_help_panel=BUILD,
@@ -428,7 +430,8 @@ def build_engines(
     engine_dir: EngineDirOpt = None,
     model_path: ModelDirOpt = None,
 ) -> None:
-    """Export a model's UNet and VAE decoder to ONNX and build one engine per resolution and batch."""
+    """Build engines of a model's UNet and VAE decoder, one per resolution and batch (from an ONNX export, or
+    from the torch module for aotinductor), each validated against PyTorch before it is installed."""
     _setup_logging(LogLevel.warning, rich=True)
     from dts_util.engines.builder import parse_resolution, plan
     from dts_util.errors import DtsError, StartupError

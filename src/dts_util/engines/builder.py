@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 
 from dts_util import __version__
-from dts_util.engines.backends import get_backend, resolve_backend, resolve_precision
+from dts_util.engines.backends import default_build_device, get_backend, resolve_backend, resolve_precision
 from dts_util.engines.backends.base import Backend
 from dts_util.engines.device import device_fingerprint, device_info, device_tag
 from dts_util.engines.export import export_component, relative_l2
@@ -93,7 +94,7 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
     """
     backend = get_backend(resolve_backend(backend_name))
     device = device or default_build_device(backend.name)
-    precision = resolve_precision(backend.name, precision)
+    precision = resolve_precision(backend.name, precision, device)
     backend.check_precision(precision, device)
     info = device_info(device)
     scale = model.info.vae_scale_factor
@@ -115,18 +116,6 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
                     job.skip_reason = existing_engine(job, device_fingerprint(info))
                     jobs.append(job)
     return jobs
-
-
-def default_build_device(backend: str) -> str:
-    """Where engines of ``backend`` will run: TensorRT on the GPU, OpenVINO on the CPU; ONNX Runtime
-    on the GPU only when onnxruntime-gpu's CUDA provider is installed (and torch sees a GPU)."""
-    from dts_util.engines.backends import ENTRIES
-
-    if backend != "onnxruntime":
-        return "cuda" if ENTRIES[backend].gpu else "cpu"
-    from dts_util.engines.backends.onnxruntime import providers_for
-
-    return "cuda" if torch.cuda.is_available() and len(providers_for("cuda")) > 1 else "cpu"
 
 
 def existing_engine(job: BuildJob, device_fp: str) -> str:
@@ -153,8 +142,10 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
     if job.skip_reason:
         return BuildResult(job, "skipped", error=job.skip_reason)
     start = time.perf_counter()
-    on_stage("export")
-    onnx_path, export_record = export_component(model, job.component, engine_dir)
+    onnx_path, export_record = None, None
+    if job.backend.builds_from == "onnx":
+        on_stage("export")
+        onnx_path, export_record = export_component(model, job.component, engine_dir)
     on_stage("build")
     folder = job.paths.engine.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,8 +153,13 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
     try:
         input_shapes = job.component.input_shapes(model.info, job.shape)
         build_start = time.perf_counter()
-        written = job.backend.build(onnx_path, input_shapes, job.component.free_dimensions(job.shape), job.precision,
-                                    tmp / job.paths.engine.name, job.device, cache_dir=folder)
+        if onnx_path is not None:
+            written = job.backend.build(onnx_path, input_shapes, job.component.free_dimensions(job.shape),
+                                        job.precision, tmp / job.paths.engine.name, job.device, cache_dir=folder)
+        else:
+            written = job.backend.build_from_module(
+                job.component.export_module(model), job.component.sample_inputs(model.info, job.shape, seed=1),
+                job.precision, tmp / job.paths.engine.name, job.device, cache_dir=folder)
         build_seconds = time.perf_counter() - build_start
         on_stage("validate")
         rel_l2 = validate_engine(job, model, written[0])
@@ -171,7 +167,8 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
         if rel_l2 > tolerance:
             raise EngineBuildError(f"{job.label}: engine output differs from PyTorch by relative L2 "
                                    f"{rel_l2:.2e} > {tolerance:.0e}; not installed")
-        manifest = _manifest(job, model, written, input_shapes, build_seconds, rel_l2, export_record.rel_l2)
+        manifest = _manifest(job, model, written, input_shapes, build_seconds, rel_l2,
+                             export_record.rel_l2 if export_record else None)
         for path in reversed(written):  # data files before the engine that names them
             path.replace(folder / path.name)
         _write_json_atomic(job.paths.manifest, manifest)
@@ -180,7 +177,7 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
     log.info("built %s engine %s in %.1fs (rel L2 %.2e)", job.backend.name, job.label,
              time.perf_counter() - start, rel_l2)
     return BuildResult(job, "built", time.perf_counter() - start, manifest["total_bytes"], rel_l2,
-                       export_seconds=export_record.seconds, manifest=manifest)
+                       export_seconds=export_record.seconds if export_record else 0.0, manifest=manifest)
 
 
 def validate_engine(job: BuildJob, model: LoadedModel, engine_path: Path, seed: int = 2) -> float:
@@ -196,7 +193,7 @@ def validate_engine(job: BuildJob, model: LoadedModel, engine_path: Path, seed: 
 
 
 def _manifest(job: BuildJob, model: LoadedModel, files: list[Path], input_shapes: dict, build_seconds: float,
-              rel_l2: float, export_rel_l2: float) -> dict:
+              rel_l2: float, export_rel_l2: float | None) -> dict:
     info = device_info(job.device)
     return {
         "format": MANIFEST_FORMAT,
@@ -225,6 +222,10 @@ def _manifest(job: BuildJob, model: LoadedModel, files: list[Path], input_shapes
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".partial-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    """Write beside ``path`` under a name of its own and rename: servers sharing an engine cache may
+    finish the same engine at once, and each manifest is then complete, whichever lands last."""
+    fd, tmp = tempfile.mkstemp(prefix=f".partial-{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2))
+    os.chmod(tmp, 0o644)
+    Path(tmp).replace(path)

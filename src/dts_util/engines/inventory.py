@@ -70,9 +70,10 @@ def remove_exports(engine_dir: Path, model: str | None) -> int:
     for model_root in engine_dir.iterdir() if engine_dir.is_dir() else ():
         if model is not None and model_root.name.rsplit("-", 1)[0] != safe_name(model):
             continue
-        # ONNX exports, the onnxruntime backend's fused copies of them, OpenVINO's compiled-model caches
+        # ONNX exports, the onnxruntime backend's fused copies of them, OpenVINO's compiled-model caches,
+        # Inductor's kernel caches
         for folder in [*model_root.glob("onnx/*"), *model_root.glob("*/*/fused/*"),
-                       *model_root.glob("*/*/openvino-cache")]:
+                       *model_root.glob("*/*/openvino-cache"), *model_root.glob("*/*/.inductor-cache")]:
             shutil.rmtree(folder)
             removed += 1
     return removed

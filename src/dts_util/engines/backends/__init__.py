@@ -1,11 +1,13 @@
 """Engine backends behind one small interface (``base.py``), described in one table.
 
 Each backend module is the only importer of its runtime (``tensorrt``,
-``openvino``, ``onnxruntime``) and imports it lazily, so dts-util starts and serves
-eagerly on machines where none is installed. ``BACKEND_TABLE`` says, per backend,
-where it lives, what its engine files end with, how to tell whether it can run
-here, and which precision it builds by default; its order is the preference when
-several engines fit a request.
+``openvino``, ``onnxruntime``; AOTInductor is part of torch) and imports it lazily,
+so dts-util starts and serves eagerly on machines where none is installed.
+``BACKEND_TABLE`` says, per backend, where it lives, what its engine files end
+with, how to tell whether it can run here, where it builds and at which precision
+by default; its order is the preference when several engines fit a request. The
+backend class itself says what it builds from (an ONNX export or the torch module).
+Adding a backend is one module and one row here.
 """
 
 from __future__ import annotations
@@ -46,32 +48,57 @@ def onnxruntime_available() -> tuple[bool, str]:
     return _imports("onnxruntime")
 
 
-def _openvino_precision() -> str:
+def aotinductor_available() -> tuple[bool, str]:
+    import torch
+
+    if not hasattr(torch, "_inductor") or not hasattr(torch._inductor, "aoti_compile_and_package"):
+        return False, f"torch {torch.__version__} has no AOTInductor packaging (needs torch 2.6 or later)"
+    return True, ""
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cpu_precision(device: str) -> str:
     from dts_util.engines.device import cpu_has_bf16
 
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def _onnxruntime_build_device() -> str:
+    """ONNX Runtime engines run on the GPU only where onnxruntime-gpu's CUDA provider is installed."""
+    from dts_util.engines.backends.onnxruntime import providers_for
+
+    return "cuda" if _cuda_present() and len(providers_for("cuda")) > 1 else "cpu"
+
+
 @dataclass(frozen=True)
 class BackendEntry:
-    """One backend: its module and class, engine file suffix, availability check, default precision."""
+    """One backend: its module and class, engine file suffix, availability check, where it builds by
+    default, and its default precision for a build device."""
 
     name: str
     module: str
     cls: str
     engine_suffix: str
     available: Callable[[], tuple[bool, str]]
-    auto_precision: Callable[[], str]
-    gpu: bool  # runs on CUDA devices (else on the CPU)
+    build_device: Callable[[], str]
+    auto_precision: Callable[[str], str]
 
 
 BACKEND_TABLE = (
     BackendEntry("tensorrt", "dts_util.engines.backends.tensorrt", "TensorRTBackend", ".plan", tensorrt_available,
-                 lambda: "fp16", gpu=True),
+                 lambda: "cuda", lambda device: "fp16"),
+    BackendEntry("aotinductor", "dts_util.engines.backends.aotinductor", "AOTInductorBackend", ".pt2",
+                 aotinductor_available, lambda: "cuda" if _cuda_present() else "cpu",
+                 lambda device: "fp16" if device.startswith("cuda") else "fp32"),
     BackendEntry("openvino", "dts_util.engines.backends.openvino", "OpenVinoBackend", ".xml", openvino_available,
-                 _openvino_precision, gpu=False),
+                 lambda: "cpu", _cpu_precision),
     BackendEntry("onnxruntime", "dts_util.engines.backends.onnxruntime", "OnnxRuntimeBackend", ".onnx",
-                 onnxruntime_available, lambda: "fp32", gpu=False),
+                 onnxruntime_available, _onnxruntime_build_device, lambda device: "fp32"),
 )
 BACKENDS = tuple(entry.name for entry in BACKEND_TABLE)
 ENTRIES = {entry.name: entry for entry in BACKEND_TABLE}
@@ -84,13 +111,11 @@ def available_backend_versions() -> dict[str, str]:
 
 
 def resolve_backend(name: str) -> str:
-    """"auto": tensorrt on a CUDA machine where it runs; on the CPU, openvino when installed; else
-    onnxruntime. A named backend is checked."""
+    """"auto": on a CUDA machine tensorrt where it imports, else aotinductor; on the CPU openvino when
+    installed, else onnxruntime. A named backend is checked."""
     if name == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            return "tensorrt" if tensorrt_available()[0] else "onnxruntime"
+        if _cuda_present():
+            return "tensorrt" if tensorrt_available()[0] else "aotinductor"
         return "openvino" if openvino_available()[0] else "onnxruntime"
     if name not in ENTRIES:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -100,9 +125,15 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def resolve_precision(backend: str, precision: str) -> str:
-    """"auto": fp16 for TensorRT, bf16 for OpenVINO where the CPU has AVX512_BF16 or AMX, else fp32."""
-    return ENTRIES[backend].auto_precision() if precision == "auto" else precision
+def resolve_precision(backend: str, precision: str, device: str) -> str:
+    """"auto": fp16 for TensorRT and for AOTInductor on CUDA, bf16 for OpenVINO where the CPU has
+    AVX512_BF16 or AMX, else fp32."""
+    return ENTRIES[backend].auto_precision(device) if precision == "auto" else precision
+
+
+def default_build_device(backend: str) -> str:
+    """Where engines of ``backend`` are built and will run unless a device is given."""
+    return ENTRIES[backend].build_device()
 
 
 def get_backend(name: str):

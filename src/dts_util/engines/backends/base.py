@@ -1,7 +1,9 @@
 """The small interface every engine backend implements.
 
-A ``Backend`` builds one engine file from an ONNX export for one fixed shape, and
-loads an engine file into a ``Runner``. A ``Runner`` follows polygraphy's
+A ``Backend`` builds one engine file for one fixed shape, from an ONNX export
+(``builds_from = "onnx"``: TensorRT, OpenVINO, ONNX Runtime) or straight from the
+torch module (``builds_from = "torch"``: AOTInductor), and loads an engine file
+into a ``Runner``. A ``Runner`` follows polygraphy's
 template: public methods keep the state right (activate before infer, shape
 checks), backends fill in the ``*_impl`` methods.
 """
@@ -88,6 +90,7 @@ class Backend(abc.ABC):
 
     name: str
     engine_suffix: str
+    builds_from = "onnx"  # or "torch": then ``build_from_module`` is called instead of ``build``
 
     @abc.abstractmethod
     def version(self) -> str: ...
@@ -95,10 +98,15 @@ class Backend(abc.ABC):
     def check_precision(self, precision: str, device: str) -> None:
         """Raise EngineBuildError when this backend cannot build ``precision`` on ``device``."""
 
-    @abc.abstractmethod
     def build(self, onnx_path: Path, input_shapes: dict[str, tuple[int, ...]], free_dims: dict[str, int],
               precision: str, engine_path: Path, device: str, cache_dir: Path) -> list[Path]:
-        """Write the engine at ``engine_path``; returns every file written (engine first)."""
+        """From an ONNX export: write the engine at ``engine_path``; returns every file written (engine first)."""
+        raise NotImplementedError(f"the {self.name} backend builds from {self.builds_from}, not ONNX")
+
+    def build_from_module(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], precision: str,
+                          engine_path: Path, device: str, cache_dir: Path) -> list[Path]:
+        """From the fp32 CPU module and sample inputs at the engine's exact shapes; like ``build``."""
+        raise NotImplementedError(f"the {self.name} backend builds from {self.builds_from}, not a torch module")
 
     @abc.abstractmethod
     def load(self, engine_path: Path, input_shapes: dict[str, tuple[int, ...]], output_name: str,
