@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 from dataclasses import replace
@@ -17,17 +18,30 @@ from dts_util.models.builtin import ensure_builtin_model
 from dts_util.models.store import ModelStore
 
 
+# tools/device_check.sh --dry-run sets this: `gpu` tests then run on the CPU with the built-in model, so
+# every step of the GPU check executes in CI.
+GPU_DRY_RUN = os.environ.get("DTS_GPU_DRY_RUN") == "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`tensorrt` tests run wherever tensorrt imports and a CUDA GPU is present; elsewhere they skip."""
+    """`tensorrt` tests run wherever tensorrt imports and a CUDA GPU is present, `gpu` tests wherever CUDA
+    is (or in the GPU check's dry run); elsewhere they skip."""
     from dts_util.engines.backends import tensorrt_available
 
+    skips = {}
     available, why = tensorrt_available()
-    if available:
-        return
-    skip = pytest.mark.skip(reason=f"TensorRT backend unavailable: {why}")
+    if not available:
+        skips["tensorrt"] = pytest.mark.skip(reason=f"TensorRT backend unavailable: {why}")
+    if not GPU_DRY_RUN:
+        import torch
+
+        if not torch.cuda.is_available():
+            skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU (tools/device_check.sh --dry-run runs it on the "
+                                                   "CPU)")
     for item in items:
-        if "tensorrt" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@
     python tools/bench_engines.py --arch sd15 --resolution 512x512 --e2e-steps 20
 
 Variants are ``backend[:precision]``: ``eager`` (fp32), ``eager:bf16``, ``onnxruntime``,
-``openvino:fp32``, ``openvino:bf16``, ``tensorrt:fp16`` ... (default: every one that can
-run here). For each it prints the per-UNet-step median, the VAE decode time, the end-to-end
+``openvino:fp32``, ``openvino:bf16``, ``aotinductor``, ``tensorrt:fp16`` ... (default: every one
+that can run here). For each it prints the per-UNet-step median, the VAE decode time, the end-to-end
 image time and the peak memory, each with its ratio to eager fp32, and, with
 ``--export-memory``, the peak memory of exporting the UNet to ONNX. The CPU's name and
 vector extensions are printed with the table: compare backends only within one run. Every backend runs in its
@@ -123,8 +123,9 @@ def worker(args: argparse.Namespace) -> None:
             unet = EagerUNet(compiled_module(model.unet()))
         vae = EagerVaeDecoder(model.vae())
     else:
-        unet, vae = (load_engine(args, model, component, shape, backend, precision)
-                     for component, shape in (("unet", unet_shape), ("vae_decoder", vae_shape)))
+        unet = load_engine(args, model, "unet", unet_shape, backend, precision)
+        vae = load_engine(args, model, "vae_decoder", vae_shape, backend, precision) \
+            if "vae_decoder" in args.engine_components.split(",") else EagerVaeDecoder(model.vae())
 
     unet_inputs = get_component("unet").sample_inputs(model.info, unet_shape, seed=0, device=args.device,
                                                  dtype=model.dtype)
@@ -197,7 +198,7 @@ def build_engines(args: argparse.Namespace, variant: str) -> None:
     model = load_model(args.model, store.model_path(args.model), "cpu")
     width, height = (int(v) for v in args.resolution.split("x"))
     for job in plan(model, Path(args.engine_dir), [(width, height)], [args.batch_size], backend,
-                    precision or "auto"):
+                    precision or "auto", components=tuple(args.engine_components.split(","))):
         start = time.perf_counter()
         result = build(job, model, Path(args.engine_dir))
         print(f"{variant} {job.label}: {result.status} in {time.perf_counter() - start:.1f}s"
@@ -207,7 +208,7 @@ def build_engines(args: argparse.Namespace, variant: str) -> None:
 def run_worker(args: argparse.Namespace, backend: str) -> dict:
     command = [sys.executable, __file__, "--worker", backend] + [
         f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in ("worker", "backends", "arch", "torch_compile", "export_memory") and value is not None]
+        if key not in ("worker", "backends", "arch", "torch_compile", "export_memory", "json") and value is not None]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"backend": backend, "error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -215,12 +216,15 @@ def run_worker(args: argparse.Namespace, backend: str) -> dict:
 
 
 def available_backends(device: str) -> list[str]:
-    from dts_util.engines.backends import onnxruntime_available, openvino_available, tensorrt_available
+    from dts_util.engines.backends import (aotinductor_available, onnxruntime_available, openvino_available,
+                                           tensorrt_available)
     from dts_util.engines.device import cpu_has_bf16
 
     found = ["eager:bf16"] if not device.startswith("cuda") and cpu_has_bf16() else []
     if tensorrt_available()[0] and device.startswith("cuda"):
         found.append("tensorrt")
+    if aotinductor_available()[0]:
+        found.append("aotinductor")
     if openvino_available()[0] and not device.startswith("cuda"):
         found += ["openvino:fp32"] + (["openvino:bf16"] if cpu_has_bf16() else [])
     if onnxruntime_available()[0]:
@@ -242,6 +246,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     cpu = device_info("cpu")
     print(f"\n{args.model} {args.resolution}, batch {args.batch_size} (UNet batch {args.batch_size * 2} with CFG), "
           f"device {args.device}, {os.cpu_count()} CPU cores: {cpu['name']} ({', '.join(cpu['isa'])})")
+    if args.engine_components != "unet,vae_decoder":
+        print(f"engine variants run engines for {args.engine_components} only; the rest runs eagerly")
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -268,6 +274,9 @@ def main() -> None:
     parser.add_argument("--backends", help="comma list [default: every available]")
     parser.add_argument("--torch-compile", action="store_true", help="also time eager under torch.compile")
     parser.add_argument("--export-memory", action="store_true", help="also measure the UNet export's peak memory")
+    parser.add_argument("--json", help="also write the table's rows to this JSON file")
+    parser.add_argument("--engine-components", default="unet,vae_decoder",
+                        help="components engine variants build and run (the others run eagerly)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "export":
@@ -296,6 +305,9 @@ def main() -> None:
         rows.append(run_worker(args, "torch-compile"))
     rows += [run_worker(args, backend) for backend in backends]
     print_table(rows, args)
+    if args.json:
+        meta = {key: getattr(args, key) for key in ("model", "resolution", "batch_size", "device", "e2e_steps")}
+        Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=2))
     if args.export_memory:
         export = run_worker(args, "export")
         print(f"\nUNet export to ONNX: peak RSS {export.get('export_peak_mb', 0):.0f} MB "

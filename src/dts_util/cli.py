@@ -184,8 +184,16 @@ def serve(
                                           rich_help_panel=BUILD)] = True,
     build_missing: Annotated[bool, typer.Option(help="Build engines in the background for requested shapes "
                                                      "that had none.", rich_help_panel=BUILD)] = False,
-    torch_compile: Annotated[bool, typer.Option(help="torch.compile the eager UNet (CUDA graphs on GPU).",
-                                                rich_help_panel=BUILD)] = False,
+    torch_compile: Annotated[bool, typer.Option(
+        help="torch.compile the eager UNet (CUDA graphs on GPU); compiled kernels are cached in the engine dir, "
+             "and the --compile-resolution shapes are compiled before health says SERVING.",
+        rich_help_panel=BUILD)] = False,
+    compile_resolution: Annotated[Optional[list[str]], typer.Option(
+        help="WIDTHxHEIGHT to compile at start-up with --torch-compile; repeatable.",
+        show_default="the default model's native size", rich_help_panel=BUILD)] = None,
+    channels_last: Annotated[bool, typer.Option(
+        help="Eager UNet and VAE in channels-last layout (faster convolutions on some GPUs).",
+        rich_help_panel=BUILD)] = False,
     log_level: Annotated[LogLevel, typer.Option(help="Log verbosity.")] = LogLevel.info,
 ) -> None:
     """Start the gRPC server (drawthings.ImageGenerationService) and serve until Ctrl-C / SIGTERM."""
@@ -207,7 +215,8 @@ def serve(
             min_free_disk_bytes=min_free_disk, max_concurrent_uploads=max_concurrent_uploads,
             upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=devices, dtype=dtype,
             png_compression=png_compression, metrics_port=metrics_port, metrics_address=metrics_address,
-            build_missing=build_missing, torch_compile=torch_compile, auth_token=token, allow_no_auth=no_auth,
+            build_missing=build_missing, torch_compile=torch_compile, channels_last=channels_last,
+            compile_resolutions=_parse_resolutions(compile_resolution), auth_token=token, allow_no_auth=no_auth,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
         asyncio.run(_serve(config, engines))
     except (StartupError, DtsError, ValueError) as exc:
@@ -216,6 +225,14 @@ def serve(
         raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except KeyboardInterrupt:
         pass
+
+
+def _parse_resolutions(texts: Optional[list[str]]) -> tuple[tuple[int, int], ...]:
+    if not texts:
+        return ()
+    from dts_util.engines.builder import parse_resolution
+
+    return tuple(parse_resolution(text) for text in texts)
 
 
 async def _serve(config, use_engines: bool) -> None:

@@ -77,7 +77,10 @@ class ServerConfig:
         dtype: eager weights' dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16 or bf16.
         png_compression: "fast" (fpng, lossless, ~10x zlib's speed) or a zlib level 0-9 (smaller, slower).
         build_missing: queue a background engine build for shapes that had none.
-        torch_compile: wrap eager UNet/VAE in torch.compile.
+        torch_compile: wrap the eager UNet in torch.compile (caches kept under ``engine_dir``).
+        compile_resolutions: (width, height) pairs compiled while warming up, before health says SERVING
+            (empty: the default model's native size).
+        channels_last: eager UNet and VAE in channels-last memory layout.
         auth_token: bearer token every RPC but health checking must carry ("" = none).
         allow_no_auth: listen beyond loopback without a token (``--no-auth``).
         tls_cert / tls_key: PEM files to serve TLS with (both or neither).
@@ -103,6 +106,8 @@ class ServerConfig:
     metrics_address: str = LOOPBACK_ADDRESS
     build_missing: bool = False
     torch_compile: bool = False
+    compile_resolutions: tuple[tuple[int, int], ...] = ()
+    channels_last: bool = False
     auth_token: str = field(default="", repr=False)
     allow_no_auth: bool = False
     tls_cert: Path | None = None

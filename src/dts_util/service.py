@@ -105,6 +105,10 @@ class ImageService:
         self.device = resolve_device(config.device)
         check_dtype(config.dtype, self.device)
         self.engines = engines
+        if config.torch_compile:
+            from dts_util.pipeline.compiled import use_engine_dir_cache
+
+            use_engine_dir_cache(config.engine_dir)
         # Canonical model name -> loaded model, least recently used first.
         self._models: OrderedDict[str, _CachedModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -137,7 +141,8 @@ class ImageService:
                 log.info("files of model %r changed; loading it again", canonical)
                 self._drop(canonical)
             model = load_model(canonical, path, self.device, dtype=self.config.dtype,
-                               fingerprint_cache=fingerprint_cache(self.config.engine_dir))
+                               fingerprint_cache=fingerprint_cache(self.config.engine_dir),
+                               channels_last=self.config.channels_last)
             self._models[canonical] = _CachedModel(stamp, model)
             while len(self._models) > self.config.max_loaded_models:
                 self._drop(next(iter(self._models)), why="least recently used")
@@ -164,12 +169,25 @@ class ImageService:
 
     def warm_up(self) -> None:
         """Load the default model's text encoders and hash its weights (engines are keyed by that
-        hash; SD1.5's 4 GB take seconds) so the first request pays for neither."""
+        hash; SD1.5's 4 GB take seconds) so the first request pays for neither; with
+        ``--torch-compile``, compile the configured shapes too."""
         model = self.model("")
         model.prompt_encoders()
         if self.engines is not None:
             model.fingerprint  # noqa: B018 - computed and cached for engine selection
+        if self.config.torch_compile:
+            self.compile_shapes(model.info.native_size)
         log.info("default model %r ready on %s", model.name, self.device)
+
+    def compile_shapes(self, native_size: int) -> None:
+        """Generate once at each compile resolution (batch 1, with guidance, a few steps), so the UNet and
+        the VAE decoder are compiled, or fetched from the cache, before the first request."""
+        for width, height in self.config.compile_resolutions or ((native_size, native_size),):
+            start = time.perf_counter()
+            model, resolved = self.prepare(GenerationRequest(prompt="warm-up", width=width, height=height, steps=3,
+                                                             seed=0))
+            self.generate(model, resolved, lambda: False)
+            log.info("torch.compile warm-up at %dx%d took %.1fs", width, height, time.perf_counter() - start)
 
     def prepare(self, request: GenerationRequest, streamed: bool = False) -> tuple[LoadedModel, ResolvedRequest]:
         """Check the request against its model; cheap, runs before the request queues.

@@ -68,5 +68,10 @@ class GenerationQueue:
             self._pending -= 1
             set_queue_depth(self._pending, self.name)
 
+    def run_before_serving(self, job: Callable[[], T]) -> T:
+        """Run ``job`` on the generation thread and wait (warm-up: compiled graphs and CUDA graphs
+        belong to the thread that made them)."""
+        return self._executor.submit(job).result()
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -136,9 +136,10 @@ class WorkerPool:
         first.model("")  # a default model that cannot be served stops start-up with one clear line
 
     def warm_up(self) -> None:
-        """Every worker loads the default model's text encoders (and hashes its weights once)."""
+        """Every worker loads the default model's text encoders (and hashes its weights once), and with
+        ``--torch-compile`` compiles its shapes, on its own generation thread."""
         for worker in self.workers:
-            worker.service.warm_up()
+            worker.queue.run_before_serving(worker.service.warm_up)
 
     def close(self) -> None:
         for worker in self.workers:

@@ -117,3 +117,27 @@ def test_sdxl_engine_spec_has_added_conditions(tiny_sdxl) -> None:
     shapes = get_component("unet").input_shapes(info, Shape(8, 16, 2))
     assert shapes == {"sample": (2, 4, 8, 16), "timestep": (2,), "encoder_hidden_states": (2, 77, 64),
                       "text_embeds": (2, 32), "time_ids": (2, 6)}
+
+
+@pytest.mark.parametrize("dtype, force_upcast, expected", [
+    ("fp16", True, "float32"), ("fp16", None, "float32"), ("fp16", False, "float16"), ("bf16", True, "bfloat16"),
+    ("fp32", True, "float32")])
+def test_the_vae_is_upcast_where_its_config_asks(tiny_sdxl, dtype, force_upcast, expected) -> None:
+    """SDXL's VAE overflows in fp16 (NaN, black images); diffusers' default is to upcast unless told not to."""
+    import dataclasses
+
+    import torch
+
+    from dts_util.engines.components import VAE_DECODER
+    from dts_util.models.loader import LoadedModel, default_dtype
+
+    info = inspect_model("tiny-sdxl", tiny_sdxl)
+    vae_config = {k: v for k, v in info.vae_config.items() if k != "force_upcast"}
+    if force_upcast is not None:
+        vae_config["force_upcast"] = force_upcast
+    info = dataclasses.replace(info, vae_config=vae_config)
+    model = LoadedModel(info, "cpu", default_dtype("cuda", dtype))
+    assert model.vae_dtype == getattr(torch, expected)
+    # Engines follow the same rule: an fp16 build makes an fp32 VAE decoder where upcasting is asked for.
+    engine_precision = VAE_DECODER.build_precision(info, dtype)
+    assert engine_precision == {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[expected]

@@ -110,9 +110,11 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
                     if (component.name, shape) in seen:
                         continue
                     seen.add((component.name, shape))
-                    key = EngineKey(model.name, model.fingerprint, component.name, precision, backend.name,
+                    component_precision = component.build_precision(model.info, precision)
+                    key = EngineKey(model.name, model.fingerprint, component.name, component_precision, backend.name,
                                     backend.version(), device_tag(info), shape, scale)
-                    job = BuildJob(component, shape, backend, precision, device, key, engine_paths(engine_dir, key))
+                    job = BuildJob(component, shape, backend, component_precision, device, key,
+                                   engine_paths(engine_dir, key))
                     job.skip_reason = existing_engine(job, device_fingerprint(info))
                     jobs.append(job)
     return jobs

@@ -49,6 +49,10 @@ class ComponentDescriptor:
         """Values of the symbolic axes for one engine (ONNX Runtime's free-dimension overrides)."""
         return {"batch": shape.batch, "height": shape.latent_height, "width": shape.latent_width}
 
+    def build_precision(self, info: ModelInfo, precision: str) -> str:
+        """The precision this component's engines are built at when ``precision`` is asked for."""
+        return precision
+
     def export_module(self, model: LoadedModel) -> torch.nn.Module:
         """The component as a module taking this descriptor's named inputs and returning one tensor."""
         raise NotImplementedError
@@ -130,6 +134,11 @@ class VaeDecoderComponent(ComponentDescriptor):
 
     def export_module(self, model: LoadedModel) -> torch.nn.Module:
         return _VaeDecoderForExport(model.vae()).eval()
+
+    def build_precision(self, info: ModelInfo, precision: str) -> str:
+        """fp32 instead of fp16 where the VAE's config asks for ``force_upcast`` (SDXL's VAE overflows in
+        fp16 and decodes NaN, i.e. black images); bf16 keeps fp32's range and stays."""
+        return "fp32" if precision == "fp16" and info.vae_config.get("force_upcast", True) else precision
 
 
 class _UNetForExport(torch.nn.Module):

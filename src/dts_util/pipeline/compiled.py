@@ -1,15 +1,20 @@
-"""Opt-in ``torch.compile`` for the eager path (``serve --torch-compile``).
+"""Opt-in ``torch.compile`` for the eager path (``serve --torch-compile``), with warm restarts.
 
 On a CUDA GPU this uses mode "reduce-overhead", which captures CUDA graphs and
 removes the kernel-launch overhead that bounds an eager SD UNet step; it is the
 fast path on GPU hosts without TensorRT. On the CPU it compiles with Inductor's
-default mode.
+default mode. Inductor's caches are kept under the engine directory
+(``use_engine_dir_cache``), so a restarted server reuses the kernels and graphs it
+compiled before instead of compiling again; the server compiles the shapes it is
+told about while warming up, before health reports SERVING.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +22,35 @@ import torch
 log = logging.getLogger(__name__)
 # Keyed weakly by module: an unloaded UNet takes its compiled wrapper with it.
 _compiled: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+CACHE_FOLDER = "torch-compile-cache"
+
+
+def use_engine_dir_cache(engine_dir: Path) -> Path:
+    """Keep Inductor's on-disk caches in ``engine_dir`` (unless TORCHINDUCTOR_CACHE_DIR was set by the
+    user), so they survive restarts and move with the engine cache. Call before anything compiles."""
+    chosen = _user_cache_dir()
+    if chosen:
+        return Path(chosen)
+    folder = Path(engine_dir) / CACHE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
+
+
+def _user_cache_dir() -> str:
+    """The cache dir the user chose, or "": Inductor fills the variable with its default on first use."""
+    from dts_util import USER_INDUCTOR_CACHE_DIR
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default = os.path.abspath(default_cache_dir())
+    except ImportError:  # moved in another torch: trust only what was set before torch loaded
+        default = os.path.abspath(current) if current else ""
+    if current and os.path.abspath(current) == default:
+        current = ""
+    return USER_INDUCTOR_CACHE_DIR or current
 
 
 def compile_mode(device: torch.device) -> str:
@@ -26,8 +60,8 @@ def compile_mode(device: torch.device) -> str:
 def compiled_module(module: torch.nn.Module) -> Any:
     """The compiled wrapper of ``module``, created once per module object.
 
-    Compilation happens on the first call at each new input shape, so the first
-    request at a new resolution is slow; later ones replay.
+    Compilation happens on the first call at each new input shape (from the disk cache when an
+    earlier run compiled it); the server's warm-up makes that call for the configured shapes.
     """
     if module not in _compiled:
         device = next(module.parameters()).device

@@ -56,7 +56,8 @@ class EagerVaeDecoder:
 
     @torch.inference_mode()
     def __call__(self, *, latent: torch.Tensor) -> torch.Tensor:
-        return self.module.decode(latent, return_dict=False)[0]
+        # The VAE may run at a higher precision than the UNet (force_upcast): latents follow it.
+        return self.module.decode(latent.to(self.module.dtype), return_dict=False)[0]
 
 
 def describe_backend(component: Component) -> str:

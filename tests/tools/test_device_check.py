@@ -1,0 +1,26 @@
+"""tools/device_check.sh must never rot: its dry run executes every step of the GPU check on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_gpu_check_dry_run_executes_every_step(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "DTS_PYTHON": sys.executable}
+    env.pop("DTS_GPU_DRY_RUN", None)
+    result = subprocess.run(["bash", "tools/device_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    report = (tmp_path / "device_check.md").read_text()
+    assert result.returncode == 0, report + result.stdout[-3000:]
+    assert "failed steps: none" in report and "4 passed" in report
+    engines = json.loads((tmp_path / "bench_engines.json").read_text())
+    rows = {row["backend"]: row for row in engines["rows"]}
+    assert {"eager", "torch-compile", "aotinductor"} <= set(rows) and all("error" not in r for r in rows.values())
+    grpc_rows = json.loads((tmp_path / "bench_grpc.json").read_text())
+    assert grpc_rows[0]["backends"]["unet"] == "aotinductor" and grpc_rows[0]["client_ms"] > 0
