@@ -5,8 +5,8 @@
     python tools/bench_engines.py --arch sd15 --resolution 512x512 --e2e-steps 20
 
 Variants are ``backend[:precision]``: ``eager`` (fp32), ``eager:bf16``, ``onnxruntime``,
-``openvino:fp32``, ``openvino:bf16``, ``aotinductor``, ``tensorrt:fp16`` ... (default: every one
-that can run here). For each it prints the per-UNet-step median, the VAE decode time, the end-to-end
+``openvino:fp32``, ``openvino:bf16``, ``aotinductor``, ``aotinductor+cudagraph`` (its engines
+replayed in a CUDA graph), ``tensorrt:fp16`` ... (default: every one that can run here). For each it prints the per-UNet-step median, the VAE decode time, the end-to-end
 image time and the peak memory, each with its ratio to eager fp32, and, with
 ``--export-memory``, the peak memory of exporting the UNet to ONNX. The CPU's name and
 vector extensions are printed with the table: compare backends only within one run. Every backend runs in its
@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CUDA_GRAPH_SUFFIX = "+cudagraph"
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -105,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
     from dts_util.pipeline.params import GenerationRequest, resolve
     from dts_util.pipeline.txt2img import Txt2ImgPipeline
 
-    backend, _, precision = args.backend.partition(":")
+    backend, _, precision = args.backend.removesuffix(CUDA_GRAPH_SUFFIX).partition(":")
     store = ModelStore(Path(args.model_dir))
     model = load_model(args.model, store.model_path(args.model), args.device,
                        dtype=precision if backend in ("eager", "torch-compile") and precision else "auto")
@@ -191,7 +192,7 @@ def build_engines(args: argparse.Namespace, variant: str) -> None:
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
 
-    backend, _, precision = variant.partition(":")
+    backend, _, precision = variant.removesuffix(CUDA_GRAPH_SUFFIX).partition(":")
     if backend in ("eager", "torch-compile"):
         return
     store = ModelStore(Path(args.model_dir))
@@ -209,7 +210,9 @@ def run_worker(args: argparse.Namespace, backend: str) -> dict:
     command = [sys.executable, __file__, "--worker", backend] + [
         f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
         if key not in ("worker", "backends", "arch", "torch_compile", "export_memory", "json") and value is not None]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # "aotinductor+cudagraph": the same engines, replayed inside a CUDA graph.
+    env = {**os.environ, "DTS_AOTI_CUDA_GRAPH": "1" if backend.endswith(CUDA_GRAPH_SUFFIX) else "0"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         return {"backend": backend, "error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -5,8 +5,9 @@
 #   2. pytest -m gpu: eager fp16 through a real server on an SD1.5-size model, the compiled path,
 #      an AOTInductor engine built and served, an SDXL-size VAE decode with the upcast;
 #   3. a benchmark table: SD1.5 architecture, 512x512, batch 1 (UNet batch 2 with CFG), per UNet step
-#      eager vs torch.compile vs aotinductor, the VAE decode, a 20-step image in the pipeline; then a
-#      20-step image end to end through gRPC on the AOTInductor engine.
+#      eager vs torch.compile vs aotinductor (plain, and replayed in a CUDA graph), the VAE decode and a
+#      20-step image in the pipeline; then a 20-step image end to end through gRPC on the AOTInductor
+#      engine.
 # Markdown and JSON results go to $OUT (default /tmp/device_check); the exit status is non-zero if any
 # step failed (every step still runs).
 #
@@ -74,7 +75,7 @@ step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -q -m gpu tests/gpu -p no:cachepro
     --junitxml="$OUT/gpu_tests.xml"
 
 step bench_engines "${LIMITS[1]}" "$PY" tools/bench_engines.py "${MODEL_ARGS[@]}" "${RUNS[@]}" \
-    --device "$DEVICE" --torch-compile --backends aotinductor --engine-components unet \
+    --device "$DEVICE" --torch-compile --backends aotinductor,aotinductor+cudagraph --engine-components unet \
     --model-dir "$DTS_GPU_MODEL_DIR" --engine-dir "$WORK/engines" --json "$OUT/bench_engines.json"
 
 step bench_grpc "${LIMITS[2]}" "$PY" tools/bench_server.py "${SERVER_ARGS[@]}" --stream-only \

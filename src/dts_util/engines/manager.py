@@ -24,7 +24,7 @@ from dts_util.models.loader import LoadedModel
 from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
-PREFERENCE = {name: rank for rank, name in enumerate(BACKENDS)}  # tensorrt, openvino, onnxruntime
+PREFERENCE = {name: rank for rank, name in enumerate(BACKENDS)}  # the table's order
 PRECISION_PREFERENCE = {"fp16": 0, "bf16": 1, "fp32": 2}
 
 

@@ -5,7 +5,9 @@ Each backend module is the only importer of its runtime (``tensorrt``,
 so dts-util starts and serves eagerly on machines where none is installed.
 ``BACKEND_TABLE`` says, per backend, where it lives, what its engine files end
 with, how to tell whether it can run here, where it builds and at which precision
-by default; its order is the preference when several engines fit a request. The
+by default; its order is the preference when several engines fit a request (engines of CPU and GPU
+backends never compete: each is keyed by its device). On the CPU openvino measured fastest, and
+aotinductor's end-to-end time was on a par with onnxruntime's (README, Benchmarks). The
 backend class itself says what it builds from (an ONNX export or the torch module).
 Adding a backend is one module and one row here.
 """
@@ -92,11 +94,11 @@ class BackendEntry:
 BACKEND_TABLE = (
     BackendEntry("tensorrt", "dts_util.engines.backends.tensorrt", "TensorRTBackend", ".plan", tensorrt_available,
                  lambda: "cuda", lambda device: "fp16"),
+    BackendEntry("openvino", "dts_util.engines.backends.openvino", "OpenVinoBackend", ".xml", openvino_available,
+                 lambda: "cpu", _cpu_precision),
     BackendEntry("aotinductor", "dts_util.engines.backends.aotinductor", "AOTInductorBackend", ".pt2",
                  aotinductor_available, lambda: "cuda" if _cuda_present() else "cpu",
                  lambda device: "fp16" if device.startswith("cuda") else "fp32"),
-    BackendEntry("openvino", "dts_util.engines.backends.openvino", "OpenVinoBackend", ".xml", openvino_available,
-                 lambda: "cpu", _cpu_precision),
     BackendEntry("onnxruntime", "dts_util.engines.backends.onnxruntime", "OnnxRuntimeBackend", ".onnx",
                  onnxruntime_available, _onnxruntime_build_device, lambda device: "fp32"),
 )
