@@ -201,11 +201,11 @@ def resolve_device(device: str) -> str:
         if not torch.cuda.is_available():
             from dts_util.errors import StartupError
 
-            raise StartupError(f"--device {device} was asked for, but torch sees no CUDA GPU (torch "
-                               f"{torch.__version__}); use --device cpu or install a CUDA build of torch")
+            raise StartupError(f"--devices {device} was asked for, but torch sees no CUDA GPU (torch "
+                               f"{torch.__version__}); use --devices cpu or install a CUDA build of torch")
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             from dts_util.errors import StartupError
 
-            raise StartupError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise StartupError(f"--devices {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
