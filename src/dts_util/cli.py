@@ -630,7 +630,7 @@ def engines_rm(
         out.print(f"removed {record.engine_path.name}")
     if all_engines:
         removed = remove_exports(engines, model)
-        out.print(f"removed {removed} ONNX export(s)")
+        out.print(f"removed {removed} ONNX export and backend cache folder(s)")
 
 
 tls_app = typer.Typer(help="TLS certificates: a private CA, a server certificate, client certificates.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dts_util.engines.backends import available_backend_versions
+from dts_util.engines.backends import BACKEND_TABLE, available_backend_versions
 from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.paths import fingerprint_cache, safe_name
 from dts_util.engines.registry import EngineRecord, EngineRegistry
@@ -70,10 +70,10 @@ def remove_exports(engine_dir: Path, model: str | None) -> int:
     for model_root in engine_dir.iterdir() if engine_dir.is_dir() else ():
         if model is not None and model_root.name.rsplit("-", 1)[0] != safe_name(model):
             continue
-        # ONNX exports, the onnxruntime backend's fused copies of them, OpenVINO's compiled-model caches,
-        # Inductor's kernel caches
-        for folder in [*model_root.glob("onnx/*"), *model_root.glob("*/*/fused/*"),
-                       *model_root.glob("*/*/openvino-cache"), *model_root.glob("*/*/.inductor-cache")]:
+        # ONNX exports, and the caches each backend keeps beside its engines (BACKEND_TABLE)
+        caches = [folder for entry in BACKEND_TABLE for pattern in entry.caches
+                  for folder in model_root.glob(f"{entry.name}-*/*/{pattern}")]
+        for folder in [*model_root.glob("onnx/*"), *caches]:
             shutil.rmtree(folder)
             removed += 1
     return removed

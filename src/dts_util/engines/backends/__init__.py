@@ -89,18 +89,20 @@ class BackendEntry:
     available: Callable[[], tuple[bool, str]]
     build_device: Callable[[], str]
     auto_precision: Callable[[str], str]
+    # Caches the backend keeps beside its engines (globs under an engine folder), removable at any time.
+    caches: tuple[str, ...] = ()
 
 
 BACKEND_TABLE = (
     BackendEntry("tensorrt", "dts_util.engines.backends.tensorrt", "TensorRTBackend", ".plan", tensorrt_available,
                  lambda: "cuda", lambda device: "fp16"),
     BackendEntry("openvino", "dts_util.engines.backends.openvino", "OpenVinoBackend", ".xml", openvino_available,
-                 lambda: "cpu", _cpu_precision),
+                 lambda: "cpu", _cpu_precision, caches=("openvino-cache",)),
     BackendEntry("aotinductor", "dts_util.engines.backends.aotinductor", "AOTInductorBackend", ".pt2",
                  aotinductor_available, lambda: "cuda" if _cuda_present() else "cpu",
-                 lambda device: "fp16" if device.startswith("cuda") else "fp32"),
+                 lambda device: "fp16" if device.startswith("cuda") else "fp32", caches=(".inductor-cache",)),
     BackendEntry("onnxruntime", "dts_util.engines.backends.onnxruntime", "OnnxRuntimeBackend", ".onnx",
-                 onnxruntime_available, _onnxruntime_build_device, lambda device: "fp32"),
+                 onnxruntime_available, _onnxruntime_build_device, lambda device: "fp32", caches=("fused/*",)),
 )
 BACKENDS = tuple(entry.name for entry in BACKEND_TABLE)
 ENTRIES = {entry.name: entry for entry in BACKEND_TABLE}
