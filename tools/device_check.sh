@@ -50,12 +50,12 @@ if [ "$DRY_RUN" = 1 ]; then
     SERVER_ARGS=(--sizes 128 --runs 1 --steps 4) LIMITS=(300 400 120)
 else
     DEVICE=cuda MODEL_ARGS=(--arch sd15 --resolution 512x512) RUNS=(--repeats 30 --e2e-steps 20)
-    SERVER_ARGS=(--model bench-sd15-arch --sizes 512 --runs 2 --steps 20) LIMITS=(200 300 80)
+    SERVER_ARGS=(--model bench-sd15-arch --sizes 512 --runs 2 --steps 20) LIMITS=(170 270 70)
 fi
 export DTS_GPU_MODEL_DIR="$WORK/models"
 mkdir -p "$DTS_GPU_MODEL_DIR"
 
-step versions 60 "$PY" - <<'PYTHON'
+step versions 40 "$PY" - <<'PYTHON'
 import platform, torch, diffusers, grpc, google.protobuf
 from dts_util import __version__
 print(f"dts-util {__version__}, python {platform.python_version()}, torch {torch.__version__} "

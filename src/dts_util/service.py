@@ -111,6 +111,7 @@ class ImageService:
             use_engine_dir_cache(config.engine_dir)
         # Canonical model name -> loaded model, least recently used first.
         self._models: OrderedDict[str, _CachedModel] = OrderedDict()
+        self._loaded_names: frozenset[str] = frozenset()  # a lock-free copy of the keys above
         self._lock = threading.Lock()
 
     def ensure_default_model(self) -> None:
@@ -146,10 +147,12 @@ class ImageService:
             self._models[canonical] = _CachedModel(stamp, model)
             while len(self._models) > self.config.max_loaded_models:
                 self._drop(next(iter(self._models)), why="least recently used")
+            self._loaded_names = frozenset(self._models)
             return model
 
     def _drop(self, canonical: str, why: str = "") -> None:
         cached = self._models.pop(canonical)
+        self._loaded_names = frozenset(self._models)
         cached.model.unload_all()
         if why:
             log.info("unloaded model %r (%s; --max-loaded-models %d)", canonical, why, self.config.max_loaded_models)
@@ -157,6 +160,11 @@ class ImageService:
     def loaded_models(self) -> list[str]:
         with self._lock:
             return list(self._models)
+
+    def holds_model(self, canonical: str) -> bool:
+        """Whether ``canonical`` is loaded, without waiting for a load in progress (the pool asks this
+        on the event loop)."""
+        return canonical in self._loaded_names
 
     def files_changed(self, path: Path) -> None:
         """A file of the store was replaced: drop every loaded model it belongs to (engines go stale by

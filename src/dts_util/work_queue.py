@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from dts_util.errors import QueueFull
@@ -68,10 +68,11 @@ class GenerationQueue:
             self._pending -= 1
             set_queue_depth(self._pending, self.name)
 
-    def run_before_serving(self, job: Callable[[], T]) -> T:
-        """Run ``job`` on the generation thread and wait (warm-up: compiled graphs and CUDA graphs
-        belong to the thread that made them)."""
-        return self._executor.submit(job).result()
+    def start_before_serving(self, job: Callable[[], T]) -> Future:
+        """Start ``job`` on the generation thread (warm-up: compiled graphs and CUDA graphs belong to
+        the thread that made them)."""
+        return self._executor.submit(job)
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, wait: bool = False) -> None:
+        """Drop waiting jobs; with ``wait``, also wait for the running one to end."""
+        self._executor.shutdown(wait=wait, cancel_futures=True)

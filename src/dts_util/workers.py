@@ -71,10 +71,11 @@ class Worker:
         return await self.queue.run(lambda: self.service.generate(model, resolved, stop.is_set, on_update), stop)
 
     def holds_model(self, name: str) -> bool:
-        return name in self.service.loaded_models()
+        return self.service.holds_model(name)
 
     def close(self) -> None:
-        self.queue.shutdown()
+        """Let the running generation end first: engines must not be released under its last step."""
+        self.queue.shutdown(wait=True)
         if self.service.engines is not None:
             self.service.engines.close()
 
@@ -137,9 +138,9 @@ class WorkerPool:
 
     def warm_up(self) -> None:
         """Every worker loads the default model's text encoders (and hashes its weights once), and with
-        ``--torch-compile`` compiles its shapes, on its own generation thread."""
-        for worker in self.workers:
-            worker.queue.run_before_serving(worker.service.warm_up)
+        ``--torch-compile`` compiles its shapes, on its own generation thread; all workers at once."""
+        for started in [worker.queue.start_before_serving(worker.service.warm_up) for worker in self.workers]:
+            started.result()
 
     def close(self) -> None:
         for worker in self.workers:

@@ -188,7 +188,7 @@ def test_temporary_files_are_swept_at_start_up(model_store, tmp_path, base_confi
 
 
 def test_a_folder_another_server_is_building_is_not_swept(model_store, tmp_path) -> None:
-    from dts_util.models.store import publish_folder
+    from dts_util.models.store import BUILD_LOCK_FILE, publish_folder
 
     def fill(folder) -> None:
         os.utime(folder, (time.time() - 3600,) * 2)  # old enough that only its lock protects it
@@ -196,7 +196,7 @@ def test_a_folder_another_server_is_building_is_not_swept(model_store, tmp_path)
         (folder / "model_index.json").write_text("{}")
 
     target = publish_folder(model_store.root / "being-built", fill)
-    assert (target / "model_index.json").is_file()
+    assert (target / "model_index.json").is_file() and not (target / BUILD_LOCK_FILE).exists()
 
 
 def test_a_live_upload_is_not_swept_by_a_second_server(client, model_store) -> None:

@@ -8,6 +8,7 @@ therefore either complete with its manifest, or absent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -143,6 +144,16 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
     """
     if job.skip_reason:
         return BuildResult(job, "skipped", error=job.skip_reason)
+    with _current_device(job.device):
+        return _build(job, model, engine_dir, on_stage)
+
+
+def _current_device(device: str):
+    """Make ``device`` current while building: TensorRT and AOTInductor build and time on the current GPU."""
+    return torch.cuda.device(device) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+def _build(job: BuildJob, model: LoadedModel, engine_dir: Path, on_stage: Callable[[str], None]) -> BuildResult:
     start = time.perf_counter()
     onnx_path, export_record = None, None
     if job.backend.builds_from == "onnx":

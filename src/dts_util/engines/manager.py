@@ -131,14 +131,14 @@ class BackgroundBuilds:
     def __init__(self, engine_dir: Path) -> None:
         self.engine_dir = engine_dir
         self._queue: queue.Queue = queue.Queue()
-        self._requested: set[tuple[str, str, str, Shape]] = set()
+        self._requested: set[tuple[str, str, str, str, Shape]] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="engine-builds", daemon=True)
         self._thread.start()
 
     def request(self, model: LoadedModel, component: str, shape: Shape) -> bool:
         """Queue a build once per (model weights, component, shape); True if newly queued."""
-        key = (model.name, model.fingerprint, component, shape)
+        key = (model.name, model.fingerprint, model.device, component, shape)
         with self._lock:  # workers on several devices may ask for the same shape at once
             if key in self._requested:
                 return False

@@ -87,9 +87,13 @@ class EngineRegistry:
             log.warning("%s: %s", path, message)
 
     def refresh(self) -> None:
-        """Pick up new, changed and removed manifests (a stat per manifest; cheap)."""
+        """Pick up new, changed and removed manifests (a stat per manifest; cheap).
+
+        Manifests sit at a fixed depth (``paths.py``): globbing only there keeps this from walking the
+        compile caches that share the engine dir, on every request."""
         stamps = {}
-        for path in self.engine_dir.rglob(f"*{MANIFEST_SUFFIX}") if self.engine_dir.is_dir() else ():
+        pattern = f"*/*/*/*{MANIFEST_SUFFIX}"  # <model>-<fingerprint>/<backend>-<version>/<device>/
+        for path in self.engine_dir.glob(pattern) if self.engine_dir.is_dir() else ():
             if path.name.startswith(".") or any(p.startswith(".partial") for p in path.parts):
                 continue
             try:

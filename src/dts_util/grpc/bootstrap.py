@@ -169,9 +169,10 @@ async def serve(config: ServerConfig, generator: ImageGenerator) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await asyncio.to_thread(generator.warm_up)
-        await running.set_serving(True)
-        log.info("ready: health is SERVING")
-        await stop.wait()
+        if not stop.is_set():  # a SIGTERM during warm-up: never report SERVING on the way out
+            await running.set_serving(True)
+            log.info("ready: health is SERVING")
+            await stop.wait()
     finally:
         log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
         await running.stop()

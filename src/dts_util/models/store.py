@@ -285,10 +285,13 @@ def publish_folder(target: Path, fill: Callable[[Path], None],
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{RESERVED_PREFIX}{target.name[:40]}-", dir=target.parent))
-    lock = os.open(tmp, os.O_RDONLY)
+    # A lock on a file opened for writing (NFS grants exclusive locks on nothing else) tells another
+    # server sweeping a shared store that this folder is alive.
+    lock = os.open(tmp / BUILD_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # tells another server sweeping a shared store that we are alive
+        fcntl.flock(lock, fcntl.LOCK_EX)
         fill(tmp)
+        (tmp / BUILD_LOCK_FILE).unlink()  # not part of what is published (the grace covers the rename)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the folder is an ordinary one
         tmp.rename(target)
     except OSError:
@@ -309,39 +312,46 @@ def _exists_message(name: str) -> str:
             "send overwrite=true (`dts-util upload --overwrite`) to replace it")
 
 
-# A temporary folder this young may be between its creation and its lock: left alone.
+# A temporary folder this young may be between its creation and its lock, or just past its lock
+# file's removal before the rename: left alone.
 _FOLDER_LOCK_GRACE_S = 60.0
+BUILD_LOCK_FILE = f"{RESERVED_PREFIX}building.lock"
 
 
 def _remove_abandoned_folder(path: Path) -> bool:
-    """Remove a temporary folder unless a live process (holding its lock) is still filling it."""
+    """Remove a temporary folder unless a live process (holding its lock file) is still filling it."""
     try:
         if time.time() - path.stat().st_mtime < _FOLDER_LOCK_GRACE_S:
             return False
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False  # another server sharing this store is building it
-    finally:
-        os.close(fd)
+    if not _lock_is_free(path / BUILD_LOCK_FILE):
+        return False  # another server sharing this store is building it (or we cannot tell)
     shutil.rmtree(path, ignore_errors=True)
     return True
 
 
-def _remove_unlocked(path: Path) -> bool:
+def _lock_is_free(path: Path) -> bool:
+    """True when ``path`` is missing or no process holds a lock on it; False when one does or the file
+    system cannot say. Opened for writing: NFS grants exclusive locks on nothing else."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return False  # a live upload holds it
+        return False
     finally:
         os.close(fd)
+    return True
+
+
+def _remove_unlocked(path: Path) -> bool:
+    if not path.exists() or not _lock_is_free(path):
+        return False  # a live upload holds it
     path.unlink(missing_ok=True)
     return True
 

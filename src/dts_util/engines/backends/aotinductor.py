@@ -72,7 +72,9 @@ class AOTInductorRunner(Runner):
 
     def activate_impl(self) -> None:
         index = (torch.device(self.device).index or 0) if self.device.startswith("cuda") else -1
-        self.package = torch._inductor.aoti_load_package(str(self.engine_path), device_index=index)
+        # Single-threaded runs (each runner belongs to one worker thread) are what CUDA graphs need.
+        self.package = torch._inductor.aoti_load_package(str(self.engine_path), device_index=index,
+                                                         run_single_threaded=self.use_cuda_graph)
         metadata = self.package.get_metadata()
         self.dtype = DTYPES[metadata.get("dts_precision", "fp32")]
         require(metadata.get("dts_device_kind", "cpu") == self.device.split(":")[0],
@@ -103,7 +105,8 @@ class AOTInductorRunner(Runner):
             torch.cuda.synchronize(self.device)
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # thread_local: another worker's GPU allocations meanwhile must not break this capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.static_output = self._run(self.static_inputs)
                 self.graph = graph
             except RuntimeError as exc:

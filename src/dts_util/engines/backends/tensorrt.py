@@ -122,7 +122,8 @@ class TensorRTRunner(Runner):
         """Record one enqueue into a CUDA graph; the buffers' addresses never change, so replay is exact."""
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
+            # thread_local: another worker's GPU allocations meanwhile must not break this capture
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self._enqueue()
             self.graph = graph
         except RuntimeError as exc:  # some plugins cannot be captured; plain enqueue still works

@@ -79,6 +79,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
 
         job = asyncio.ensure_future(self.generator.generate(convert.generation_request(request), streamed=True,
                                                             on_update=on_update))
+        # A client that goes away while an update is being sent leaves this generator parked at its
+        # yield; the call's end still stops the generation.
+        context.add_done_callback(lambda _: loop.call_soon_threadsafe(job.cancel))
         try:
             while not job.done() or not updates.empty():
                 next_update = asyncio.ensure_future(updates.get())
