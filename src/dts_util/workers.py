@@ -15,12 +15,15 @@ import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, UpdateCallback
 from dts_util.config import ServerConfig, check_dtype, resolve_devices
 from dts_util.models.store import ModelStore
 from dts_util.work_queue import GenerationQueue
+
+if TYPE_CHECKING:
+    from dts_util.engines.manager import BackgroundBuilds
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class Worker:
     """
 
     def __init__(self, name: str, device: str, config: ServerConfig, store: ModelStore, use_engines: bool = True,
-                 builds=None) -> None:
+                 builds: "BackgroundBuilds | None" = None) -> None:
         from dts_util.service import ImageService
 
         self.name, self.device = name, device
