@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Callable
 import torch
 
 from dts_util import __version__
+from dts_util.atomic_files import write_text_atomic
 from dts_util.engines.backends import default_build_device, get_backend, resolve_backend, resolve_precision
 from dts_util.engines.backends.base import Backend
 from dts_util.engines.device import device_fingerprint, device_info, device_tag
@@ -235,10 +235,4 @@ def _manifest(job: BuildJob, model: LoadedModel, files: list[Path], input_shapes
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write beside ``path`` under a name of its own and rename: servers sharing an engine cache may
-    finish the same engine at once, and each manifest is then complete, whichever lands last."""
-    fd, tmp = tempfile.mkstemp(prefix=f".partial-{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2))
-    os.chmod(tmp, 0o644)
-    Path(tmp).replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,14 +190,11 @@ def model_fingerprint(path: Path, cache_file: Path | None = None) -> str:
 def _save_fingerprints(cache_file: Path, cache: dict) -> None:
     """Write the cache under a temporary name of its own and rename it into place: servers sharing an
     engine dir save it at the same moments. A cache that cannot be saved is only a slower next start."""
-    import tempfile
+    from dts_util.atomic_files import write_text_atomic
 
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}-", dir=cache_file.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(cache))
-        Path(tmp).replace(cache_file)
+        write_text_atomic(cache_file, json.dumps(cache))
     except OSError as exc:
         log.warning("could not save the weights-fingerprint cache %s: %s", cache_file, exc.strerror or exc)
 
