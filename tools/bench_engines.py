@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
     from dts_util.boundary import Shape
     from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder
     from dts_util.pipeline.params import GenerationRequest, resolve
-    from dts_util.pipeline.txt2img import Txt2ImgPipeline
+    from dts_util.pipeline.generation import GenerationPipeline
 
     backend, _, precision = args.backend.removesuffix(CUDA_GRAPH_SUFFIX).partition(":")
     store = ModelStore(Path(args.model_dir))
@@ -146,7 +146,7 @@ def worker(args: argparse.Namespace) -> None:
         request = resolve(GenerationRequest(prompt="a lighthouse", seed=1, width=width, height=height,
                                             steps=args.e2e_steps, batch_size=args.batch_size), model.name,
                           model.info.native_size)
-        pipeline = Txt2ImgPipeline(model, Fixed())
+        pipeline = GenerationPipeline(model, Fixed())
         pipeline(replace(request, steps=1))  # warm: text encoder load, first-call allocations
         start = time.perf_counter()
         pipeline(request)

@@ -3,6 +3,7 @@
 For trying the single-file path without downloading a model, and for the tests:
 
     python tools/make_tiny_checkpoint.py --family sd1 checkpoints/tiny-sd1.safetensors
+    python tools/make_tiny_checkpoint.py --family sd1 --inpainting checkpoints/tiny-sd1-inpainting.safetensors
     dts-util upload checkpoints/tiny-sd1.safetensors --as checkpoints/tiny-sd1.safetensors
 
 The pipeline is built in the diffusers layout, then written as one file in the original
@@ -72,32 +73,35 @@ def _scheduler(variant: str):
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
-def build(family: str, folder: Path) -> Path:
-    """Save a tiny ``family`` ("sd1", "sd2", "sdxl") pipeline with seeded weights into ``folder``."""
+def build(family: str, folder: Path, inpainting: bool = False) -> Path:
+    """Save a tiny ``family`` ("sd1", "sd2", "sdxl") pipeline with seeded weights into ``folder``; with
+    ``inpainting``, a dedicated inpainting model (a UNet of 9 input channels: latents, mask, masked image)."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
 
     torch.manual_seed(SEED)
+    in_channels = 9 if inpainting else 4
     if family == "sdxl":
         unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(64, 128), layers_per_block=1,
+            sample_size=8, in_channels=in_channels, block_out_channels=(64, 128), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
             transformer_layers_per_block=(1, 2), cross_attention_dim=64 + 128, use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
-        pipe = StableDiffusionXLPipeline(
+        pipe = (StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline)(
             vae=_vae(0.13025), text_encoder=_text_encoder(64, "quick_gelu"),
             text_encoder_2=_text_encoder(128, "gelu", projection=32), tokenizer=_tokenizer("<|endoftext|>"),
             tokenizer_2=_tokenizer("!"), unet=unet, scheduler=_scheduler("sdxl_base"))
     else:
         sd2 = family == "sd2"
         unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(64, 128) if sd2 else (32, 64), layers_per_block=1,
+            sample_size=8, in_channels=in_channels, block_out_channels=(64, 128) if sd2 else (32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=(1, 2) if sd2 else 8, cross_attention_dim=64, use_linear_projection=sd2,
             norm_num_groups=32)
-        pipe = StableDiffusionPipeline(
+        pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
             vae=_vae(0.18215), text_encoder=_text_encoder(64, "gelu" if sd2 else "quick_gelu"),
             tokenizer=_tokenizer("!" if sd2 else "<|endoftext|>"), unet=unet,
             scheduler=_scheduler("sd2_768" if sd2 else "sd15"), safety_checker=None, feature_extractor=None,
@@ -125,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="checkpoint to write (.safetensors or .ckpt)")
     parser.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--inpainting", action="store_true", help="an inpainting model (9-channel UNet)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        single_file(build(args.family, Path(folder) / "pipeline"), args.out, args.dtype)
-    print(f"wrote {args.out} (tiny {args.family}, {args.dtype}, random weights)")
+        single_file(build(args.family, Path(folder) / "pipeline", args.inpainting), args.out, args.dtype)
+    kind = " inpainting" if args.inpainting else ""
+    print(f"wrote {args.out} (tiny {args.family}{kind}, {args.dtype}, random weights)")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ class GenerationRequest:
     preview_every: int = 0
     output_format: str = ""
     quality: int = 0
+    init_image: bytes = b""  # encoded PNG/JPEG/WebP: img2img, and inpainting with ``mask``
+    mask: bytes = b""
+    mask_blur: int = 0
+    skip_mask_overlay: bool = False
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,20 @@ def generate(
     batch_count: Annotated[int, typer.Option(help="Number of passes.")] = 1,
     enable_hr: Annotated[bool, typer.Option("--hires", help="High-res fix: upscale and refine.")] = False,
     hr_scale: Annotated[float, typer.Option(help="High-res upscale factor (0 = 2).")] = 0.0,
-    denoising_strength: Annotated[float, typer.Option(help="High-res second-pass strength (0 = 0.7).")] = 0.0,
+    denoising_strength: Annotated[float, typer.Option(
+        "--strength", "--denoising-strength",
+        help="How much of an --init-image is repainted, or the high-res second-pass strength, in (0, 1] "
+             "(0 = 0.7).")] = 0.0,
+    init_image: Annotated[Optional[Path], typer.Option(
+        help="Input image (PNG, JPEG or WebP) for img2img; with --mask, inpainting. Width and height default "
+             "to its size.", dir_okay=False, show_default="none (txt2img)")] = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        help="Inpainting mask of the --init-image's size: white is repainted, black kept.", dir_okay=False,
+        show_default="none")] = None,
+    mask_blur: Annotated[int, typer.Option(help="Blur radius of the mask's edge in pixels (0 = none).")] = 4,
+    mask_overlay: Annotated[bool, typer.Option(
+        help="Inpainting: paste the input back over the kept pixels (--no-mask-overlay: the model's output as "
+             "it is).")] = True,
     model: Annotated[str, typer.Option(help="Model name ('' = server default).")] = "",
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("out"),
     host: HostOpt = "localhost", port: PortOpt = DEFAULT_PORT,
@@ -283,12 +296,20 @@ def generate(
     token: TokenOpt = None, token_file: TokenFileOpt = None, tls: TlsOpt = False, ca: CaOpt = None,
     client_cert: ClientCertOpt = None, client_key: ClientKeyOpt = None,
 ) -> None:
-    """Generate images on a running server and write them as PNGs; prints the generation info."""
+    """Generate images on a running server and write them as PNGs; prints the generation info.
+
+    With --init-image: image to image; with --mask as well: inpainting."""
     target = f"{host}:{port}"
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                   cfg_scale=cfg_scale, seed=seed, sampler=sampler, batch_size=batch_size,
                   batch_count=batch_count, enable_hr=enable_hr, hr_scale=hr_scale,
                   denoising_strength=denoising_strength, model=model)
+    if mask is not None and init_image is None:
+        raise _fail("--mask needs --init-image: inpainting paints into that image")
+    if init_image is not None:
+        fields.update(init_image=_read_input(init_image, "--init-image", limits.MAX_INIT_IMAGE_BYTES),
+                      mask=_read_input(mask, "--mask", limits.MAX_MASK_BYTES) if mask else b"",
+                      mask_blur=mask_blur if mask else 0, skip_mask_overlay=not mask_overlay)
     try:
         with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client:
             images, info_text = _generate_with_progress(client, fields)
@@ -301,6 +322,18 @@ def generate(
         path.write_bytes(image)
         out.print(f"wrote {path}")
     out.print_json(data=info)
+
+
+def _read_input(path: Path, option: str, max_bytes: int) -> bytes:
+    """An input image's bytes, refused here when the server would refuse them for their size."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _fail(f"{option} {path}: {exc.strerror or exc}")
+    if len(data) > max_bytes:
+        raise _fail(f"{option} {path} has {len(data)} bytes; the server takes at most {max_bytes} (send a smaller "
+                    "image, or JPEG/WebP)")
+    return data
 
 
 def _generate_with_progress(client, fields: dict) -> tuple[list[bytes], str]:
@@ -320,6 +353,8 @@ def _generate_with_progress(client, fields: dict) -> tuple[list[bytes], str]:
                 progress.update(task, description=label, completed=event.get("step", 0), total=event["total"])
             elif name in ("imageDecoded", "secondPassImageDecoded"):
                 progress.update(task, description="decoding")
+            elif name == "imageEncoded":
+                progress.update(task, description="encoding the image")
 
         try:
             return client.generate_stream(on_event=on_event, **fields)
@@ -398,6 +433,7 @@ class CfgChoice(str, Enum):
 class ComponentChoice(str, Enum):
     unet = "unet"
     vae_decoder = "vae_decoder"
+    vae_encoder = "vae_encoder"
 
 
 def _open_model(model: str, model_path: Optional[Path], engine_dir: Path):
@@ -434,7 +470,7 @@ def build_engines(
         rich_help_panel=BUILD)] = PrecisionChoice.auto,
     component: Annotated[Optional[list[ComponentChoice]], typer.Option(
         help="Components to build; repeatable.", rich_help_panel=BUILD,
-        show_default="unet and vae_decoder")] = None,
+        show_default="unet, vae_decoder and vae_encoder")] = None,
     cfg: Annotated[CfgChoice, typer.Option(help="UNet batches for guided (cfg_scale > 1), unguided, or both.",
                                            rich_help_panel=BUILD)] = CfgChoice.cfg,
     lora: Annotated[Optional[list[str]], typer.Option(
@@ -447,10 +483,11 @@ def build_engines(
     engine_dir: EngineDirOpt = None,
     model_path: ModelDirOpt = None,
 ) -> None:
-    """Build engines of a model's UNet and VAE decoder, one per resolution and batch (from an ONNX export, or
-    from the torch module for aotinductor), each validated against PyTorch before it is installed."""
+    """Build engines of a model's UNet, VAE decoder and VAE encoder (img2img, inpainting), one per resolution and
+    batch (from an ONNX export, or from the torch module for aotinductor), each validated against PyTorch before
+    it is installed."""
     _setup_logging(LogLevel.warning, rich=True)
-    from dts_util.engines.builder import parse_resolution, plan
+    from dts_util.engines.builder import DEFAULT_COMPONENTS, parse_resolution, plan
     from dts_util.errors import DtsError, StartupError
 
     engines = engine_dir or default_engine_dir()
@@ -458,7 +495,7 @@ def build_engines(
         loaded = _open_model(model, model_path, engines)
         sizes = [parse_resolution(r) for r in resolution] if resolution else \
             [(loaded.info.native_size, loaded.info.native_size)]
-        components = tuple(c.value for c in component) if component else ("unet", "vae_decoder")
+        components = tuple(c.value for c in component) if component else DEFAULT_COMPONENTS
         if lora:
             loaded = loaded.with_loras(_resolve_build_loras(lora, model_path))
             components = ("unet",)  # LoRAs change the UNet only: the base VAE decoder engines serve them too

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
+# Input images of img2img and inpainting (encoded bytes, and pixels once decoded). 12 MiB holds a
+# 2048x2048 photo as PNG; a mask is two-tone and compresses far better.
+MAX_INIT_IMAGE_BYTES = 12 * MiB
+MAX_MASK_BYTES = 4 * MiB
+MAX_INPUT_IMAGE_PIXELS = 4096 * 4096
+MAX_INPUT_IMAGE_SIDE = 8192
+MAX_MASK_BLUR = 64
+
 # Request messages, per RPC (serialized size). Larger ones are RESOURCE_EXHAUSTED.
-MAX_GENERATE_REQUEST_BYTES = 256 * KiB
+MAX_GENERATE_REQUEST_BYTES = MAX_INIT_IMAGE_BYTES + MAX_MASK_BYTES + 256 * KiB
 MAX_FILES_EXIST_REQUEST_BYTES = 512 * KiB
 MAX_ECHO_REQUEST_BYTES = 1 * KiB
 MAX_UPLOAD_CHUNK_BYTES = 4 * MiB
 # One UploadFile message: a chunk plus its name, hash and size fields.
 MAX_UPLOAD_MESSAGE_BYTES = MAX_UPLOAD_CHUNK_BYTES + 64 * KiB
-# What the gRPC core accepts at all (the largest of the above); anything bigger never reaches Python.
-MAX_RECEIVE_MESSAGE_BYTES = MAX_UPLOAD_MESSAGE_BYTES
+# What the gRPC core accepts at all (a little over the largest of the above, so each RPC's own limit answers
+# with its own message); anything bigger never reaches Python.
+MAX_RECEIVE_MESSAGE_BYTES = max(MAX_GENERATE_REQUEST_BYTES, MAX_UPLOAD_MESSAGE_BYTES) + 64 * KiB
 # Responses: a batch of large PNGs. GenerateImage refuses up front what could not fit.
 MAX_RESPONSE_BYTES = 256 * MiB
 # What gRPC clients accept by default (Python, Node, Go, grpcurl), unless they raise it.

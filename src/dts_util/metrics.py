@@ -1,8 +1,8 @@
 """Prometheus metrics (``serve --metrics-port``): what an operator needs to see the server work.
 
 Requests by RPC and status, request latency, time per generation stage (queue wait, text
-encoding, sampling, decoding, image encoding), queue depth, sampling steps per second, and
-which backend ran each component (engine hits, eager fallbacks by reason). The metrics
+encoding, VAE encoding of img2img/inpainting inputs, sampling, decoding, image encoding),
+queue depth, sampling steps per second, and which backend ran each component (engine hits, eager fallbacks by reason). The metrics
 live in the process-wide registry and cost a few dictionary updates per request when no
 one scrapes them.
 """
@@ -24,7 +24,8 @@ STEPS_PER_SECOND = Gauge("dts_sampling_steps_per_second", "Sampling speed of the
 COMPONENT_RUNS = Counter("dts_component_runs_total", "Generations by the backend that ran each component",
                          ["component", "backend", "reason"])
 
-STAGES = {"queue_wait_ms": "queue_wait", "text_encode_ms": "text_encode", "sampling_ms": "sampling",
+STAGES = {"queue_wait_ms": "queue_wait", "text_encode_ms": "text_encode", "vae_encode_ms": "vae_encode",
+          "sampling_ms": "sampling",
           "second_pass_sampling_ms": "second_pass_sampling", "decode_ms": "decode", "encode_ms": "encode"}
 
 

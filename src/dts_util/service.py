@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, Shape
 from dts_util.config import ServerConfig, check_dtype, resolve_device
-from dts_util.engines.components import UNET, VAE_DECODER, ComponentDescriptor
+from dts_util.engines.components import UNET, VAE_DECODER, VAE_ENCODER, ComponentDescriptor
 from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
 from dts_util.errors import RequestTooLarge
@@ -26,7 +26,7 @@ from dts_util.models.loader import LoadedModel, load_model, model_stamp
 from dts_util.metrics import observe_generation
 from dts_util.models.lora import resolve_loras
 from dts_util.models.store import ModelStore
-from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder
+from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder, EagerVaeEncoder
 from dts_util.pipeline.params import ResolvedRequest, check_text_fields, resolve
 
 if TYPE_CHECKING:
@@ -53,9 +53,12 @@ class RequestComponents:
             return eager("")
         runner, reason = self.engines.runner_for(engine_model or self.model, component.name, shape)
         if runner is not None:
-            # An engine serves this component now: never keep the eager weights beside it.
-            self.model.unload(component.weights)
+            # An engine serves this component now: never keep the eager weights beside it, unless another
+            # component sharing them (the VAE's decoder and encoder) still runs eagerly.
+            if self.model.note_engine(component.name, component.weights):
+                self.model.unload(component.weights)
             return runner
+        self.model.note_eager(component.name, component.weights)
         return eager(reason)
 
     def unet(self, shape: Shape) -> Component:
@@ -73,6 +76,9 @@ class RequestComponents:
 
     def vae_decoder(self, shape: Shape) -> Component:
         return self._pick(VAE_DECODER, shape, lambda why: EagerVaeDecoder(self.model.vae(), why))
+
+    def vae_encoder(self, shape: Shape) -> Component:
+        return self._pick(VAE_ENCODER, shape, lambda why: EagerVaeEncoder(self.model.vae(), why))
 
     def _maybe_compile(self, module):
         if not self.compile_eager:
@@ -219,7 +225,7 @@ class ImageService:
         events of every ``req.preview_every``-th step (called from the generation thread).
         """
         from dts_util.pipeline.encode import encode_images, event_strings, info_json, latent_preview_png
-        from dts_util.pipeline.txt2img import EventLog, Txt2ImgPipeline
+        from dts_util.pipeline.generation import EventLog, GenerationPipeline
 
         events, on_preview = None, None
         if on_update is not None:
@@ -232,11 +238,11 @@ class ImageService:
         encoders = model.prompt_encoders().text_encoders
         with model.lora_applier.applied(req.loras, encoders) as lora_unet:
             components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_unet)
-            result = Txt2ImgPipeline(model, components, should_stop, on_preview)(req, events)
+            result = GenerationPipeline(model, components, should_stop, on_preview)(req, events)
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
-        summary = (f"worker={self.worker} model={model.name} size={width}x{height} batch={req.batch_size}x{req.batch_count} "
-                   f"steps={req.steps} sampler={req.sampler.name!r} {backends}")
+        summary = (f"worker={self.worker} model={model.name} mode={req.mode} size={width}x{height} "
+                   f"batch={req.batch_size}x{req.batch_count} steps={req.steps} sampler={req.sampler.name!r} {backends}")
         details = {"worker": self.worker, "prediction_type": model.info.prediction_type, "prediction_source": model.info.prediction_source,
                    "model_file": "single file" if model.info.single_file else "diffusers folder",
                    "loras": [{"file": lora.name, "weight": lora.weight, "sha256": lora.sha256} for lora in req.loras]}

@@ -71,21 +71,22 @@ def test_build_engines_list_and_rm(model_store, tmp_path) -> None:
     assert dry.exit_code == 0 and "unet 64x64 b2: to build" in dry.output
     built = runner.invoke(app, ["build-engines", "--resolution", "64x64", "--resolution", "128x64", *common])
     assert built.exit_code == 0, built.output
-    assert built.output.count("built") >= 4 and "peak memory of this build" in built.output
+    assert built.output.count("built") >= 6 and "peak memory of this build" in built.output
+    assert built.output.count("vae_encoder") == 2  # img2img's encoder is built by default
     again = runner.invoke(app, ["build-engines", "--resolution", "64x64", *common])
-    assert again.exit_code == 0 and again.output.count("skipped") == 2
+    assert again.exit_code == 0 and again.output.count("skipped") == 3
     listed = runner.invoke(app, ["engines", "list", *common])
-    assert listed.exit_code == 0 and listed.output.count("usable") == 4
+    assert listed.exit_code == 0 and listed.output.count("usable") == 6
     removed = runner.invoke(app, ["engines", "rm", "--resolution", "128x64", "--yes", *common])
-    assert removed.exit_code == 0 and removed.output.count("removed") == 2
-    assert runner.invoke(app, ["engines", "list", *common]).output.count("usable") == 2
+    assert removed.exit_code == 0 and removed.output.count("removed") == 3
+    assert runner.invoke(app, ["engines", "list", *common]).output.count("usable") == 3
     from dts_util.engines.inventory import engine_status
 
     record = engine_status(engines, model_store.root)[0][0]
     record.engine_path.unlink()
     record.engine_path.mkdir()  # still there, but no file can be read from it
     listed = runner.invoke(app, ["engines", "list", *common])
-    assert listed.output.count("usable") == 1 and "unreadable" in listed.output
+    assert listed.output.count("usable") == 2 and "unreadable" in listed.output
 
 
 def test_build_engines_unknown_model(model_store, tmp_path) -> None:

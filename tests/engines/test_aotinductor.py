@@ -24,7 +24,7 @@ def aoti_engines(cpu_model, tmp_path_factory) -> Path:
     engine_dir = tmp_path_factory.mktemp("aoti-engines")
     results = [build(job, cpu_model, engine_dir) for job in plan(cpu_model, engine_dir, [(128, 128)], [1],
                                                                   backend_name="aotinductor")]
-    assert [r.status for r in results] == ["built", "built"], [r.error for r in results]
+    assert [r.status for r in results] == ["built"] * 3, [r.error for r in results]
     assert all(r.rel_l2 < 1e-3 and r.export_seconds == 0.0 for r in results)  # no ONNX on this path
     return engine_dir
 
@@ -56,7 +56,7 @@ def test_packages_are_keyed_by_torch_version_and_device(aoti_engines) -> None:
 
 def test_a_second_build_skips_valid_packages(aoti_engines, cpu_model) -> None:
     jobs = plan(cpu_model, aoti_engines, [(128, 128)], [1], backend_name="aotinductor")
-    assert [job.skip_reason for job in jobs] == ["valid engine exists"] * 2
+    assert [job.skip_reason for job in jobs] == ["valid engine exists"] * 3
 
 
 def test_a_newer_torch_makes_packages_stale(aoti_engines, cpu_model, tmp_path) -> None:

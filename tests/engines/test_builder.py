@@ -9,10 +9,10 @@ from dts_util.engines.builder import build, parse_resolution, plan, unet_batches
 from dts_util.errors import BackendUnavailable, EngineBuildError, InvalidRequest
 
 
-def test_plan_builds_unet_at_cfg_batch_and_vae_at_image_batch(cpu_model, tmp_path) -> None:
+def test_plan_builds_unet_at_cfg_batch_vae_decoder_at_image_batch_and_encoder_at_one(cpu_model, tmp_path) -> None:
     jobs = plan(cpu_model, tmp_path, [(512, 256)], [2], backend_name="onnxruntime")
     assert [(j.component.name, j.key.resolution, j.shape.batch) for j in jobs] == \
-        [("unet", "512x256", 4), ("vae_decoder", "512x256", 2)]
+        [("unet", "512x256", 4), ("vae_decoder", "512x256", 2), ("vae_encoder", "512x256", 1)]
     assert jobs[0].shape.latent_width == 64 and jobs[0].shape.latent_height == 32
     assert all(j.backend.name == "onnxruntime" and j.precision == "fp32" for j in jobs)
 
@@ -23,7 +23,7 @@ def test_unet_batches() -> None:
 
 def test_valid_engines_are_skipped(cpu_model, built_engines) -> None:
     jobs = plan(cpu_model, built_engines, [(128, 128)], [1], backend_name="onnxruntime")
-    assert [j.skip_reason for j in jobs] == ["valid engine exists"] * 2
+    assert [j.skip_reason for j in jobs] == ["valid engine exists"] * 3
     assert all(build(j, cpu_model, built_engines).status == "skipped" for j in jobs)
 
 

@@ -19,4 +19,4 @@ def test_a_streamed_export_builds_engines_that_match_pytorch(cpu_model, tmp_path
         result = build(job, cpu_model, tmp_path)
         assert result.status == "built" and result.rel_l2 < 1e-3, result.error
     exports = list(tmp_path.rglob(export.DATA_FILE))
-    assert len(exports) == 2 and all(path.stat().st_size > 0 for path in exports)
+    assert len(exports) == 3 and all(path.stat().st_size > 0 for path in exports)

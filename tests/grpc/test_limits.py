@@ -25,7 +25,9 @@ def _error(call, *args, **kwargs) -> grpc.RpcError:
 def _generate_at_size(size: int) -> pb.ImageGenerationRequest:
     """A GenerateImage request whose serialized size is exactly ``size`` bytes (a padded negative prompt)."""
     request = pb.ImageGenerationRequest(prompt="p", steps=1, seed=1, negative_prompt="")
-    overhead = pb.ImageGenerationRequest(prompt="p", steps=1, seed=1, negative_prompt="n" * 100000).ByteSize() - 100000
+    # Measured near the target length: the field's length prefix grows with it.
+    near = size - 64
+    overhead = pb.ImageGenerationRequest(prompt="p", steps=1, seed=1, negative_prompt="n" * near).ByteSize() - near
     request.negative_prompt = "n" * (size - overhead)
     assert request.ByteSize() == size
     return request

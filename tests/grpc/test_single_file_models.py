@@ -134,17 +134,17 @@ def test_engines_for_an_uploaded_checkpoint(store_server, tiny_files, tmp_path) 
     assert json.loads(eager.info)["backends"]["unet"].startswith("eager")
 
 
-def test_refiner_and_inpainting_checkpoints_are_refused(store_server) -> None:
+def test_refiner_and_unknown_unet_checkpoints_are_refused(store_server) -> None:
     from safetensors.torch import save_file
     import torch
 
     root = store_server.service.store.root
     unet_in = "model.diffusion_model.input_blocks.0.0.weight"
-    save_file({unet_in: torch.zeros(32, 9, 3, 3)}, root / "inpaint.safetensors")
+    save_file({unet_in: torch.zeros(32, 5, 3, 3)}, root / "depth.safetensors")
     save_file({unet_in: torch.zeros(32, 4, 3, 3), "conditioner.embedders.0.model.token_embedding.weight":
                torch.zeros(10, 8)}, root / "refiner.safetensors")
     with store_server.client() as client:
-        for name, words in (("inpaint.safetensors", "inpainting"), ("refiner.safetensors", "refiner")):
+        for name, words in (("depth.safetensors", "5 input channels"), ("refiner.safetensors", "refiner")):
             with pytest.raises(grpc.RpcError) as caught:
                 client.generate(model=name, prompt="x", steps=1)
             assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and words in caught.value.details()

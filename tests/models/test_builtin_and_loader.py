@@ -91,7 +91,7 @@ def tiny_sdxl(tmp_path_factory):
 def test_sdxl_loads_and_generates(tiny_sdxl) -> None:
     from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder
     from dts_util.pipeline.params import GenerationRequest, resolve
-    from dts_util.pipeline.txt2img import Txt2ImgPipeline
+    from dts_util.pipeline.generation import GenerationPipeline
 
     model = load_model("tiny-sdxl", tiny_sdxl, "cpu")
     assert model.info.family == "sdxl" and len(model.prompt_encoders().text_encoders) == 2
@@ -105,7 +105,7 @@ def test_sdxl_loads_and_generates(tiny_sdxl) -> None:
 
     request = resolve(GenerationRequest(prompt="a boat", seed=1, steps=2, width=128, height=64), model.name,
                       model.info.native_size)
-    result = Txt2ImgPipeline(model, Eager())(request)
+    result = GenerationPipeline(model, Eager())(request)
     assert result.images[0].size == (128, 64)
 
 

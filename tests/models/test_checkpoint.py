@@ -36,8 +36,8 @@ def test_what_is_not_a_servable_checkpoint_is_refused() -> None:
     assert not is_checkpoint({"lora_unet_x.lora_down.weight": (4, 8)})
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint"):
         detect({"lora_unet_x.lora_down.weight": (4, 8)}, "lora.safetensors")
-    with pytest.raises(ModelLoadError, match="inpainting"):
-        detect({unet_in: (320, 9, 3, 3)}, "inpaint.safetensors")
+    with pytest.raises(ModelLoadError, match="8 input channels"):
+        detect({unet_in: (320, 8, 3, 3)}, "depth.safetensors")
     with pytest.raises(ModelLoadError, match="refiner"):
         detect({unet_in: (384, 4, 3, 3), "conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}, "r")
 

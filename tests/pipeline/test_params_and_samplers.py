@@ -51,7 +51,7 @@ def test_img2img_start_matches_diffusers_get_timesteps(steps: int, strength: flo
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.schedulers import DDIMScheduler
 
-    from dts_util.pipeline.txt2img import img2img_start_step
+    from dts_util.pipeline.generation import img2img_start_step
 
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(steps)
@@ -66,7 +66,7 @@ def _result(size: int = 64):
     import numpy as np
     from PIL import Image
 
-    from dts_util.pipeline.txt2img import GenerationResult
+    from dts_util.pipeline.generation import GenerationResult
 
     pixels = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
     return GenerationResult(images=[Image.fromarray(pixels)], seeds=[7]), pixels

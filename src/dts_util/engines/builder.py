@@ -36,6 +36,7 @@ from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
 ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}  # relative L2 against PyTorch fp32
+DEFAULT_COMPONENTS = ("unet", "vae_decoder", "vae_encoder")
 
 
 @dataclass
@@ -86,7 +87,7 @@ def unet_batches(batch_size: int, cfg: str) -> list[int]:
 
 
 def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]], batch_sizes: list[int],
-         backend_name: str = "auto", precision: str = "auto", components: tuple[str, ...] = ("unet", "vae_decoder"),
+         backend_name: str = "auto", precision: str = "auto", components: tuple[str, ...] = DEFAULT_COMPONENTS,
          cfg: str = "cfg", device: str | None = None, prompt_chunks: tuple[int, ...] = (1,)) -> list[BuildJob]:
     """Every engine the request asks for, each marked with whether it already exists and is valid.
 
@@ -104,7 +105,7 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
     for width, height in resolutions:
         for batch_size in batch_sizes:
             for component in descriptors:
-                batches = unet_batches(batch_size, cfg) if component.guided else [batch_size]
+                batches = unet_batches(batch_size, cfg) if component.guided else [component.fixed_batch or batch_size]
                 lengths = [TOKENS_PER_CHUNK * n for n in prompt_chunks] if component.guided else [TOKENS_PER_CHUNK]
                 for batch, text_length in ((b, t) for b in batches for t in lengths):
                     shape = Shape(height // scale, width // scale, batch, text_length)
@@ -167,7 +168,7 @@ def _build(job: BuildJob, model: LoadedModel, engine_dir: Path, on_stage: Callab
         input_shapes = job.component.input_shapes(model.info, job.shape)
         build_start = time.perf_counter()
         if onnx_path is not None:
-            written = job.backend.build(onnx_path, input_shapes, job.component.free_dimensions(job.shape),
+            written = job.backend.build(onnx_path, input_shapes, job.component.free_dimensions(model.info, job.shape),
                                         job.precision, tmp / job.paths.engine.name, job.device, cache_dir=folder)
         else:
             written = job.backend.build_from_module(

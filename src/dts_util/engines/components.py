@@ -5,8 +5,8 @@ about its component: input and output names, which axes are dynamic in an ONNX
 file, the exact shapes of one engine, seeded sample inputs, the small wrapper
 module that gives exporters plain tensors in and one tensor out, and which eager
 weights an engine replaces. The names are the keyword names the pipeline calls
-components with (``pipeline/components.py``). The next components (a VAE encoder
-for img2img, ControlNet) are one more subclass each.
+components with (``pipeline/components.py``). The next component (ControlNet, say)
+is one more subclass.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class ComponentDescriptor:
     weights: str  # the LoadedModel part an engine of this component makes unnecessary in memory
     # Runs once per guidance branch (CFG doubles its batch) on text conditioning of varying length.
     guided: bool = False
+    # Runs at this batch whatever the request's batch size (None: at the request's batch size).
+    fixed_batch: int | None = None
 
     def input_names(self, info: ModelInfo) -> list[str]:
         return list(self.input_shapes(info, self.representative_shape(info)))
@@ -45,7 +47,7 @@ class ComponentDescriptor:
     def output_shape(self, info: ModelInfo, shape: Shape) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def free_dimensions(self, shape: Shape) -> dict[str, int]:
+    def free_dimensions(self, info: ModelInfo, shape: Shape) -> dict[str, int]:
         """Values of the symbolic axes for one engine (ONNX Runtime's free-dimension overrides)."""
         return {"batch": shape.batch, "height": shape.latent_height, "width": shape.latent_width}
 
@@ -93,7 +95,8 @@ class UNetComponent(ComponentDescriptor):
 
     def input_shapes(self, info: ModelInfo, shape: Shape) -> dict[str, tuple[int, ...]]:
         b, h, w = shape.batch, shape.latent_height, shape.latent_width
-        shapes = {"sample": (b, info.latent_channels, h, w), "timestep": (b,),
+        # An inpainting UNet's sample is the latents, the mask and the masked image's latents, stacked.
+        shapes = {"sample": (b, info.unet_in_channels, h, w), "timestep": (b,),
                   "encoder_hidden_states": (b, shape.text_length, int(info.unet_config["cross_attention_dim"]))}
         if info.family == "sdxl":
             pooled = int(info.unet_config["projection_class_embeddings_input_dim"]) \
@@ -104,8 +107,8 @@ class UNetComponent(ComponentDescriptor):
     def output_shape(self, info: ModelInfo, shape: Shape) -> tuple[int, ...]:
         return (shape.batch, int(info.unet_config.get("out_channels", 4)), shape.latent_height, shape.latent_width)
 
-    def free_dimensions(self, shape: Shape) -> dict[str, int]:
-        return {**super().free_dimensions(shape), "sequence": shape.text_length}
+    def free_dimensions(self, info: ModelInfo, shape: Shape) -> dict[str, int]:
+        return {**super().free_dimensions(info, shape), "sequence": shape.text_length}
 
     def export_module(self, model: LoadedModel) -> torch.nn.Module:
         return _UNetForExport(model.unet(), model.info.family == "sdxl").eval()
@@ -115,10 +118,21 @@ class UNetComponent(ComponentDescriptor):
         return Shape(shape.latent_height, shape.latent_width, 2)  # a CFG pair
 
 
-class VaeDecoderComponent(ComponentDescriptor):
+class _VaeComponent(ComponentDescriptor):
+    """What the VAE's two halves share: their weights, and the precision they can run at."""
+
+    weights = "vae"
+
+    def build_precision(self, info: ModelInfo, precision: str) -> str:
+        """fp32 instead of fp16 where the VAE's config asks for ``force_upcast`` (SDXL's VAE overflows in
+        fp16 and decodes NaN, i.e. black images); bf16 keeps fp32's range and stays."""
+        return "fp32" if precision == "fp16" and info.vae_config.get("force_upcast", True) else precision
+
+
+class VaeDecoderComponent(_VaeComponent):
     """The VAE decoder: latents to an RGB image at ``vae_scale_factor`` times their size."""
 
-    name, output_name, weights = "vae_decoder", "image", "vae"
+    name, output_name = "vae_decoder", "image"
 
     def dynamic_axes(self, info: ModelInfo) -> dict[str, dict[int, str]]:
         return {"latent": {0: "batch", 2: "height", 3: "width"},
@@ -135,10 +149,33 @@ class VaeDecoderComponent(ComponentDescriptor):
     def export_module(self, model: LoadedModel) -> torch.nn.Module:
         return _VaeDecoderForExport(model.vae()).eval()
 
-    def build_precision(self, info: ModelInfo, precision: str) -> str:
-        """fp32 instead of fp16 where the VAE's config asks for ``force_upcast`` (SDXL's VAE overflows in
-        fp16 and decodes NaN, i.e. black images); bf16 keeps fp32's range and stays."""
-        return "fp32" if precision == "fp16" and info.vae_config.get("force_upcast", True) else precision
+
+class VaeEncoderComponent(_VaeComponent):
+    """The VAE encoder of img2img and inpainting: an RGB image in [-1, 1] to the moments (mean and log-variance)
+    of its latent distribution. Sampling from them stays in the pipeline, with the request's seeded
+    generators, so an engine gives the same latents as eager PyTorch. It runs once per request, at batch 1."""
+
+    name, output_name, fixed_batch = "vae_encoder", "moments", 1
+
+    def dynamic_axes(self, info: ModelInfo) -> dict[str, dict[int, str]]:
+        return {"image": {0: "batch", 2: "image_height", 3: "image_width"},
+                "moments": {0: "batch", 2: "height", 3: "width"}}
+
+    def input_shapes(self, info: ModelInfo, shape: Shape) -> dict[str, tuple[int, ...]]:
+        scale = info.vae_scale_factor
+        return {"image": (shape.batch, int(info.vae_config.get("in_channels", 3)), shape.latent_height * scale,
+                          shape.latent_width * scale)}
+
+    def output_shape(self, info: ModelInfo, shape: Shape) -> tuple[int, ...]:
+        return (shape.batch, 2 * info.latent_channels, shape.latent_height, shape.latent_width)
+
+    def free_dimensions(self, info: ModelInfo, shape: Shape) -> dict[str, int]:
+        scale = info.vae_scale_factor
+        return {**super().free_dimensions(info, shape), "image_height": shape.latent_height * scale,
+                "image_width": shape.latent_width * scale}
+
+    def export_module(self, model: LoadedModel) -> torch.nn.Module:
+        return _VaeEncoderForExport(model.vae()).eval()
 
 
 class _UNetForExport(torch.nn.Module):
@@ -161,8 +198,18 @@ class _VaeDecoderForExport(torch.nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
-UNET, VAE_DECODER = UNetComponent(), VaeDecoderComponent()
-COMPONENTS: dict[str, ComponentDescriptor] = {component.name: component for component in (UNET, VAE_DECODER)}
+class _VaeEncoderForExport(torch.nn.Module):
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image, return_dict=False)[0].parameters
+
+
+UNET, VAE_DECODER, VAE_ENCODER = UNetComponent(), VaeDecoderComponent(), VaeEncoderComponent()
+COMPONENTS: dict[str, ComponentDescriptor] = {component.name: component
+                                              for component in (UNET, VAE_DECODER, VAE_ENCODER)}
 
 
 def get_component(name: str) -> ComponentDescriptor:

@@ -36,7 +36,8 @@ from dts_util.security.tokens import TokenChecker
 log = logging.getLogger("dts_util.requests")
 _request_log: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_log")
 OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"
-REQUEST_LIMITS = {"GenerateImage": MAX_GENERATE_REQUEST_BYTES, "FilesExist": MAX_FILES_EXIST_REQUEST_BYTES,
+REQUEST_LIMITS = {"GenerateImage": MAX_GENERATE_REQUEST_BYTES, "GenerateImageStream": MAX_GENERATE_REQUEST_BYTES,
+                  "FilesExist": MAX_FILES_EXIST_REQUEST_BYTES,
                   "Echo": MAX_ECHO_REQUEST_BYTES, "UploadFile": MAX_UPLOAD_MESSAGE_BYTES}
 
 

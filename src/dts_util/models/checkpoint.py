@@ -3,9 +3,9 @@
 These are the files users have: what A1111, ComfyUI and Civitai use. This module
 reads what a checkpoint is from its tensor names and shapes alone, without
 reading a tensor: the family (SD1.x, SD2.x, SDXL base), what is refused (SDXL
-refiner, inpainting), and the architecture. Shapes matter, not only the family:
-the layer widths and counts of every component come from the shapes, so small
-fine-tunes and test models load as faithfully as full-size ones. What leaves no
+refiner), and the architecture, an inpainting UNet's 9 input channels included.
+Shapes matter, not only the family: the layer widths and counts of every
+component come from the shapes, so small fine-tunes and test models load as faithfully as full-size ones. What leaves no
 trace in the shapes follows the family's published rules: attention heads (8 per
 block for SD1.x, one per 64 channels for SD2.x/SDXL and every CLIP text encoder),
 32 group-norm groups, sample size, VAE scaling factor and prediction type.
@@ -146,9 +146,9 @@ def detect(shapes: Shapes, name: str) -> CheckpointArchitecture:
         raise ModelLoadError(f"{quote(name)} is not a Stable Diffusion checkpoint (it has no "
                              f"{UNET}* tensors); LoRA, VAE and embedding files are not models")
     in_channels = shapes[f"{UNET}input_blocks.0.0.weight"][1]
-    if in_channels == 9:
-        raise ModelLoadError(f"{quote(name)} is an inpainting checkpoint (9 input channels); dts-util serves "
-                             "text-to-image checkpoints only, so far")
+    if in_channels not in (4, 9):  # 9: an inpainting UNet (latents, mask, masked image's latents)
+        raise ModelLoadError(f"{quote(name)} has a UNet of {in_channels} input channels; dts-util serves "
+                             "text-to-image (4) and inpainting (9) checkpoints")
     if any(k.startswith(SDXL_REFINER_TEXT) for k in shapes) and not any(k.startswith(SDXL_TEXT_2) for k in shapes):
         raise ModelLoadError(f"{quote(name)} is an SDXL refiner checkpoint; dts-util serves SDXL base "
                              "checkpoints only, so far")

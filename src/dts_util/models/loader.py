@@ -24,8 +24,9 @@ from dts_util.models.store import read_json_file, read_model_index
 
 log = logging.getLogger(__name__)
 
-SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline"}
-SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
+SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                "OnnxStableDiffusionPipeline"}
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 # from_pretrained initialises on the meta device by patching torch.nn.Module globally
 # (accelerate's init_empty_weights), so two loads in two threads corrupt each other.
@@ -65,7 +66,19 @@ class ModelInfo:
 
     @property
     def latent_channels(self) -> int:
+        """Channels of the VAE's latents: what the sampler denoises."""
+        return int(self.vae_config.get("latent_channels", 4))
+
+    @property
+    def unet_in_channels(self) -> int:
+        """The UNet's input channels: the latents, and for an inpainting UNet also the mask and the masked
+        image's latents (4 + 1 + 4 = 9)."""
         return int(self.unet_config.get("in_channels", 4))
+
+    @property
+    def inpainting(self) -> bool:
+        """A dedicated inpainting model, conditioned on a mask and the masked image besides the latents."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
 
 def inspect_checkpoint(name: str, path: Path, config_cache: Path) -> ModelInfo:
@@ -125,6 +138,10 @@ def _check_sizes(info: ModelInfo) -> None:
     try:
         if info.native_size <= 0 or info.latent_channels <= 0:
             raise ValueError
+        if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
+            raise ModelLoadError(f"model {quote(info.name)}: its UNet takes {info.unet_in_channels} input channels; "
+                                 f"dts-util serves text-to-image UNets ({info.latent_channels}) and inpainting "
+                                 f"UNets ({2 * info.latent_channels + 1})")
     except (KeyError, TypeError, ValueError):
         raise ModelLoadError(f"model {quote(info.name)}: {info.name}/unet/config.json needs a positive sample_size "
                              f"and {info.name}/vae/config.json a block_out_channels list; fix those files") from None
@@ -228,6 +245,8 @@ class LoadedModel:
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    # Weights (e.g. "vae") -> the components that have run on them eagerly.
+    _eager_users: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -246,7 +265,7 @@ class LoadedModel:
         """This model with ``loras`` applied to its UNet: its own components, its own fingerprint."""
         from dataclasses import replace
 
-        return replace(self, loras=tuple(loras), _parts={}, _lock=threading.RLock())
+        return replace(self, loras=tuple(loras), _parts={}, _lock=threading.RLock(), _eager_users={})
 
     @property
     def lora_applier(self):
@@ -329,6 +348,19 @@ class LoadedModel:
         from diffusers import AutoencoderKL
 
         return self._load("vae", lambda: self._from_pretrained(AutoencoderKL, "vae", self.vae_dtype))
+
+    def note_eager(self, component: str, weights: str) -> None:
+        """``component`` ran eagerly on ``weights``: an engine of another component must not unload them."""
+        with self._lock:
+            self._eager_users.setdefault(weights, set()).add(component)
+
+    def note_engine(self, component: str, weights: str) -> bool:
+        """``component`` runs on an engine now; True when no other component still runs on ``weights`` eagerly,
+        so they may be unloaded."""
+        with self._lock:
+            users = self._eager_users.setdefault(weights, set())
+            users.discard(component)
+            return not users
 
     def is_loaded(self, component: str) -> bool:
         return component in self._parts

@@ -1,7 +1,8 @@
-"""The two hot components as named-input callables, so the loop never knows who runs them.
+"""The hot components as named-input callables, so the loop never knows who runs them.
 
-The denoising loop calls ``unet(sample=..., timestep=..., encoder_hidden_states=...)``
-and ``vae_decoder(latent=...)`` and gets a torch tensor back. Eager PyTorch modules
+The denoising loop calls ``unet(sample=..., timestep=..., encoder_hidden_states=...)``,
+``vae_decoder(latent=...)`` and, for img2img and inpainting, ``vae_encoder(image=...)``,
+and gets a torch tensor back. Eager PyTorch modules
 and compiled engines (``engines/runtime.py``) both fit this shape; each says which
 backend it is and, when it is a fallback, why.
 """
@@ -28,6 +29,8 @@ class ComponentProvider(Protocol):
     def unet(self, shape: Shape) -> Component: ...
 
     def vae_decoder(self, shape: Shape) -> Component: ...
+
+    def vae_encoder(self, shape: Shape) -> Component: ...
 
 
 class EagerUNet:
@@ -58,6 +61,20 @@ class EagerVaeDecoder:
     def __call__(self, *, latent: torch.Tensor) -> torch.Tensor:
         # The VAE may run at a higher precision than the UNet (force_upcast): latents follow it.
         return self.module.decode(latent.to(self.module.dtype), return_dict=False)[0]
+
+
+class EagerVaeEncoder:
+    """A diffusers AutoencoderKL's encoder behind the named-input interface: an image in [-1, 1] to the moments
+    (mean and log-variance, stacked on the channel axis) of its latent distribution."""
+
+    backend = "eager"
+
+    def __init__(self, module: Any, reason: str = "") -> None:
+        self.module, self.reason = module, reason
+
+    @torch.inference_mode()
+    def __call__(self, *, image: torch.Tensor) -> torch.Tensor:
+        return self.module.encode(image.to(self.module.dtype), return_dict=False)[0].parameters
 
 
 def describe_backend(component: Component) -> str:

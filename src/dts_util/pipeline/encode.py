@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 
 from dts_util import __version__
 from dts_util.pipeline.params import ResolvedRequest
-from dts_util.pipeline.txt2img import GenerationResult
+from dts_util.pipeline.generation import GenerationResult
 
 
 def infotext(req: ResolvedRequest, seed: int) -> str:
@@ -38,6 +38,10 @@ def infotext(req: ResolvedRequest, seed: int) -> str:
         width, height = req.output_size
         fields.update({"Denoising strength": f"{req.denoising_strength:g}",
                        "Hires upscale": f"{req.hr_scale:g}", "Hires resize": f"{width}x{height}"})
+    if req.init is not None:  # as A1111's img2img tab writes them
+        fields["Denoising strength"] = f"{req.denoising_strength:g}"
+        if req.init.mask is not None and req.init.mask_blur:
+            fields["Mask blur"] = req.init.mask_blur
     fields["Version"] = f"dts-util {__version__}"
     lines = [req.prompt]
     if req.negative_prompt:
@@ -67,15 +71,21 @@ def _text_chunk(keyword: str, text: str) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
+# The signature (8 bytes) and the IHDR chunk (4 length + 4 type + 13 data + 4 CRC) that every PNG starts with.
+_PNG_HEADER_BYTES = 8 + 25
+
+
 def to_png(image: Image.Image, parameters: str, compression: str = PNG_COMPRESSION_FAST) -> bytes:
-    """A lossless PNG with A1111's ``parameters`` text chunk."""
+    """A lossless PNG with A1111's ``parameters`` text chunk before the image data, where Pillow and A1111 put it:
+    readers that stop before IDAT (``Image.open(f).info``) find it."""
     fpng = _fpng() if compression == PNG_COMPRESSION_FAST else None
     if fpng is not None:
         import numpy as np
 
         png = fpng.from_ndarray(np.ascontiguousarray(np.asarray(image.convert("RGB"))))
-        end = png.rindex(b"IEND") - 4  # the text chunk goes before IEND (its 4-byte length precedes the type)
-        return png[:end] + _text_chunk("parameters", parameters) + png[end:]
+        if png[12:16] != b"IHDR":
+            raise ValueError("fpng wrote a PNG that does not start with IHDR")
+        return png[:_PNG_HEADER_BYTES] + _text_chunk("parameters", parameters) + png[_PNG_HEADER_BYTES:]
     metadata = PngImagePlugin.PngInfo()
     metadata.add_text("parameters", parameters)
     buffer = io.BytesIO()
@@ -131,7 +141,10 @@ def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint:
         "batch_count": req.batch_count,
         "enable_hr": req.enable_hr,
         "hr_scale": req.hr_scale if req.enable_hr else None,
-        "denoising_strength": req.denoising_strength if req.enable_hr else None,
+        "denoising_strength": req.denoising_strength if req.enable_hr or req.init is not None else None,
+        "mode": req.mode,
+        "denoising_steps": result.denoising_steps,
+        **_input_image_info(req),
         "restore_faces": False,
         "clip_skip": req.clip_skip,
         "output_format": req.output_format,
@@ -144,6 +157,18 @@ def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint:
         "version": __version__,
     }
     return json.dumps(info)
+
+
+def _input_image_info(req: ResolvedRequest) -> dict:
+    """What info says about an img2img/inpainting input: sizes as sent and as used, its hash, the mask's settings."""
+    if req.init is None:
+        return {}
+    width, height = req.init.source_size
+    info = {"init_image": {"width": width, "height": height, "sha256": req.init.sha256,
+                           "resized": req.init.source_size != (req.width, req.height)}}
+    if req.init.mask is not None:
+        info.update(mask_blur=req.init.mask_blur, mask_overlay=not req.skip_mask_overlay)
+    return info
 
 
 def event_strings(result: GenerationResult) -> list[str]:

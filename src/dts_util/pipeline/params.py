@@ -15,6 +15,7 @@ from dts_util.boundary import GenerationRequest
 from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest
 from dts_util.limits import MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_SAMPLER_CHARS
+from dts_util.pipeline.images import InputImages, default_size, fit_input_images, read_input_images, sha256_hex
 from dts_util.pipeline.prompts import extract_lora_tags
 from dts_util.pipeline.samplers import Sampler, find_sampler
 
@@ -68,6 +69,14 @@ class ResolvedRequest:
     preview_every: int = 0  # streaming: a latent preview every this many steps (0 = none)
     output_format: str = "png"
     quality: int = 90
+    # img2img / inpainting: the input image (and mask) at width x height; None for txt2img.
+    init: InputImages | None = None
+    skip_mask_overlay: bool = False
+
+    @property
+    def mode(self) -> str:
+        """"txt2img", "img2img" or "inpaint"."""
+        return self.init.mode if self.init is not None else "txt2img"
 
     @property
     def use_cfg(self) -> bool:
@@ -140,15 +149,40 @@ def _loras(req: GenerationRequest) -> tuple[str, tuple[LoraRequest, ...]]:
     return prompt, tuple(lora for lora in loras if lora.weight != 0)
 
 
+def _check_size_from_image(name: str, value: int, image_size: tuple[int, int]) -> None:
+    if value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
+        raise InvalidRequest(f"init_image is {image_size[0]}x{image_size[1]}, which makes the output {name} {value}; "
+                             f"send {name} as a multiple of 8 in {MIN_SIZE}..{MAX_SIZE} to resize the image to it")
+
+
+def _sizes(req: GenerationRequest, native_size: int) -> tuple[int, int, tuple | None]:
+    """(width, height, decoded input images or None): the image's own size is the default when one is sent."""
+    if not (req.init_image or req.mask):
+        width, height = req.width or native_size, req.height or native_size
+        _check_size("width", width)
+        _check_size("height", height)
+        return width, height, None
+    image, mask = read_input_images(req.init_image, req.mask, req.mask_blur)
+    implied_width, implied_height = default_size(image.size)
+    for name, sent, implied in (("width", req.width, implied_width), ("height", req.height, implied_height)):
+        if sent:
+            _check_size(name, sent)
+        else:
+            _check_size_from_image(name, implied, image.size)
+    return req.width or implied_width, req.height or implied_height, (image, mask)
+
+
 def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedRequest:
-    """Check ``req`` and fill its defaults for a model of ``native_size`` pixels."""
+    """Check ``req`` and fill its defaults for a model of ``native_size`` pixels (or, with an input image,
+    of that image's size)."""
     check_text_fields(req)
     if req.restore_faces:
         raise FeatureUnavailable("restore_faces was requested, but no face-restoration model is installed "
                                  "on this server; send restore_faces=false")
-    width, height = req.width or native_size, req.height or native_size
-    _check_size("width", width)
-    _check_size("height", height)
+    width, height, decoded = _sizes(req, native_size)
+    if decoded is not None and req.enable_hr:
+        raise InvalidRequest("enable_hr (the high-res fix) is for txt2img; with init_image, send the size you want "
+                             "as width and height instead")
     steps = req.steps or DEFAULT_STEPS
     _in_range("steps", steps, 1, MAX_STEPS, " (or 0 for the default of 20)")
     cfg = _finite("cfg_scale", req.cfg_scale) or DEFAULT_CFG
@@ -178,10 +212,14 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
         raise InvalidRequest(f"output_format {quote(req.output_format, 20)} is not png, webp or jpeg")
     _in_range("quality", req.quality, 0, 100, " (0 = 90)")
     prompt, loras = _loras(req)
+    init = None
+    if decoded is not None:
+        init = fit_input_images(*decoded, width, height, req.mask_blur, sha256_hex(req.init_image))
     return ResolvedRequest(
         model=model, prompt=prompt, negative_prompt=req.negative_prompt, width=width, height=height,
         steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler),
         batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
         hr_scale=hr_scale, denoising_strength=strength, clip_skip=max(1, req.clip_skip), loras=loras,
         preview_every=req.preview_every, output_format=output_format, quality=req.quality or 90,
+        init=init, skip_mask_overlay=req.skip_mask_overlay,
     )

@@ -39,7 +39,7 @@ class FilesExistResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[str]] = ..., exists: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageGenerationRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras", "preview_every", "output_format", "quality")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras", "preview_every", "output_format", "quality", "init_image", "mask", "mask_blur", "skip_mask_overlay")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,10 @@ class ImageGenerationRequest(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_BLUR_FIELD_NUMBER: _ClassVar[int]
+    SKIP_MASK_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -80,7 +84,11 @@ class ImageGenerationRequest(_message.Message):
     preview_every: int
     output_format: str
     quality: int
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., preview_every: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ...) -> None: ...
+    init_image: bytes
+    mask: bytes
+    mask_blur: int
+    skip_mask_overlay: bool
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., preview_every: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., skip_mask_overlay: _Optional[bool] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("file", "weight")
