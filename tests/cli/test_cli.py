@@ -46,6 +46,28 @@ def test_generate_writes_pngs_and_prints_info(server, tmp_path) -> None:
     assert '"sampler": "DPM++ 2M Karras"' in result.output
 
 
+def test_generate_inpaints_an_init_image_with_a_mask(server, tmp_path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), "navy").save(tmp_path / "in.png")
+    mask = Image.new("L", (96, 64))
+    mask.paste(255, (10, 10, 50, 40))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["generate", "a boat", "--init-image", str(tmp_path / "in.png"), "--mask",
+                                 str(tmp_path / "mask.png"), "--strength", "0.6", "--seed", "3", "--steps", "5",
+                                 "--out", str(out), *_port(server)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "3.png").size == (96, 64)
+    assert '"mode": "inpaint"' in result.output and '"denoising_steps": 3' in result.output
+    assert '"mask_blur": 4' in result.output  # the CLI's default softens the edge
+    unsized = runner.invoke(app, ["generate", "x", "--init-image", str(tmp_path / "in.png"), "--mask",
+                                  str(tmp_path / "in.png"), "--width", "64", "--out", str(out), *_port(server)])
+    assert unsized.exit_code == 0, unsized.output  # the mask is read as greyscale; the image is resized to 64x64
+    orphan = runner.invoke(app, ["generate", "x", "--mask", str(tmp_path / "mask.png"), *_port(server)])
+    assert orphan.exit_code == 1 and "--mask needs --init-image" in orphan.output
+
+
 def test_generate_bad_input_is_one_line_error(server, tmp_path) -> None:
     result = runner.invoke(app, ["generate", "x", "--width", "100", "--out", str(tmp_path), *_port(server)])
     assert result.exit_code == 1 and "INVALID_ARGUMENT: width is 100" in result.output

@@ -45,6 +45,21 @@ def test_requests_stages_and_backends_are_counted(metrics_url, client) -> None:
     assert _value(after, 'dts_request_seconds_count{rpc="GenerateImage"}') >= 2
 
 
+def test_the_vae_encoder_of_img2img_is_counted(metrics_url, client) -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, "PNG")
+    encoder_runs = 'dts_component_runs_total{backend="eager",component="vae_encoder",reason="none"}'
+    before = _value(_scrape(metrics_url), encoder_runs)
+    client.generate(prompt="x", steps=2, seed=1, init_image=buffer.getvalue())
+    after = _scrape(metrics_url)
+    assert _value(after, encoder_runs) == before + 1
+    assert _value(after, 'dts_generation_stage_seconds_count{stage="vae_encode"}') >= 1
+
+
 def test_serve_exposes_metrics(model_store, tmp_path) -> None:
     import os
     import subprocess
