@@ -6,7 +6,8 @@
 
 Variants are ``backend[:precision]``: ``eager`` (fp32), ``eager:bf16``, ``onnxruntime``,
 ``openvino:fp32``, ``openvino:bf16``, ``aotinductor``, ``aotinductor+cudagraph`` (its engines
-replayed in a CUDA graph), ``tensorrt:fp16`` ... (default: every one that can run here). For each it prints the per-UNet-step median, the VAE decode time, the end-to-end
+replayed in a CUDA graph), ``tensorrt:fp16`` ... (default: every one that can run here). For each
+it prints the per-UNet-step median, the VAE decode and encode (img2img) times, the end-to-end
 image time and the peak memory, each with its ratio to eager fp32, and, with
 ``--export-memory``, the peak memory of exporting the UNet to ONNX. The CPU's name and
 vector extensions are printed with the table: compare backends only within one run. Every backend runs in its
@@ -35,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA_GRAPH_SUFFIX = "+cudagraph"
+DEFAULT_ENGINE_COMPONENTS = "unet,vae_decoder,vae_encoder"
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -102,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
     from dts_util.boundary import Shape
-    from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder
+    from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder, EagerVaeEncoder
     from dts_util.pipeline.params import GenerationRequest, resolve
     from dts_util.pipeline.generation import GenerationPipeline
 
@@ -114,6 +116,8 @@ def worker(args: argparse.Namespace) -> None:
     scale = model.info.vae_scale_factor
     unet_shape = Shape(height // scale, width // scale, args.batch_size * 2)
     vae_shape = Shape(height // scale, width // scale, args.batch_size)
+    encoder_shape = Shape(height // scale, width // scale, 1)  # the input image is encoded once per request
+    components = args.engine_components.split(",")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     if backend in ("eager", "torch-compile"):
@@ -123,18 +127,24 @@ def worker(args: argparse.Namespace) -> None:
 
             unet = EagerUNet(compiled_module(model.unet()))
         vae = EagerVaeDecoder(model.vae())
+        encoder = EagerVaeEncoder(model.vae())
     else:
         unet = load_engine(args, model, "unet", unet_shape, backend, precision)
         vae = load_engine(args, model, "vae_decoder", vae_shape, backend, precision) \
-            if "vae_decoder" in args.engine_components.split(",") else EagerVaeDecoder(model.vae())
+            if "vae_decoder" in components else EagerVaeDecoder(model.vae())
+        encoder = load_engine(args, model, "vae_encoder", encoder_shape, backend, precision) \
+            if "vae_encoder" in components else EagerVaeEncoder(model.vae())
 
     unet_inputs = get_component("unet").sample_inputs(model.info, unet_shape, seed=0, device=args.device,
                                                  dtype=model.dtype)
     latent = get_component("vae_decoder").sample_inputs(model.info, vae_shape, seed=0, device=args.device,
                                                    dtype=model.dtype)
+    image = get_component("vae_encoder").sample_inputs(model.info, encoder_shape, seed=0, device=args.device,
+                                                       dtype=model.dtype)
     with torch.inference_mode():
         unet_ms = median_ms(lambda: (unet(**unet_inputs), sync()), args.repeats, warmup=2)
         vae_ms = median_ms(lambda: (vae(**latent), sync()), max(1, args.repeats // 2))
+        encode_ms = median_ms(lambda: (encoder(**image), sync()), max(1, args.repeats // 2))
 
         class Fixed:
             def unet(self, shape):
@@ -142,6 +152,9 @@ def worker(args: argparse.Namespace) -> None:
 
             def vae_decoder(self, shape):
                 return vae
+
+            def vae_encoder(self, shape):
+                return encoder
 
         request = resolve(GenerationRequest(prompt="a lighthouse", seed=1, width=width, height=height,
                                             steps=args.e2e_steps, batch_size=args.batch_size), model.name,
@@ -153,8 +166,8 @@ def worker(args: argparse.Namespace) -> None:
         sync()
         e2e_s = time.perf_counter() - start
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else peak_rss_mb()
-    print(json.dumps({"backend": args.backend, "unet_ms": unet_ms, "vae_ms": vae_ms, "e2e_s": e2e_s,
-                      "peak_mb": peak_mb}))
+    print(json.dumps({"backend": args.backend, "unet_ms": unet_ms, "vae_ms": vae_ms, "vae_encode_ms": encode_ms,
+                      "e2e_s": e2e_s, "peak_mb": peak_mb}))
 
 
 def load_engine(args: argparse.Namespace, model, component: str, shape, backend: str, precision: str):
@@ -242,23 +255,24 @@ def available_backends(device: str) -> list[str]:
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     eager = next(r for r in rows if r["backend"] == "eager")
     unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
-    header = f"| backend | UNet step ms | x eager | VAE decode ms | x eager | image s ({args.e2e_steps} steps) " \
-             f"| x eager | {unit} | x eager |"
+    header = f"| backend | UNet step ms | x eager | VAE decode ms | x eager | VAE encode ms | x eager " \
+             f"| image s ({args.e2e_steps} steps) | x eager | {unit} | x eager |"
     from dts_util.engines.device import device_info
 
     cpu = device_info("cpu")
     print(f"\n{args.model} {args.resolution}, batch {args.batch_size} (UNet batch {args.batch_size * 2} with CFG), "
           f"device {args.device}, {os.cpu_count()} CPU cores: {cpu['name']} ({', '.join(cpu['isa'])})")
-    if args.engine_components != "unet,vae_decoder":
+    if args.engine_components != DEFAULT_ENGINE_COMPONENTS:
         print(f"engine variants run engines for {args.engine_components} only; the rest runs eagerly")
     print(header)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['backend']} | failed: {row['error']} |||||||| ")
+            print(f"| {row['backend']} | failed: {row['error']} |||||||||| ")
             continue
         print(f"| {row['backend']} | {row['unet_ms']:.1f} | {eager['unet_ms'] / row['unet_ms']:.2f} "
               f"| {row['vae_ms']:.1f} | {eager['vae_ms'] / row['vae_ms']:.2f} "
+              f"| {row['vae_encode_ms']:.1f} | {eager['vae_encode_ms'] / row['vae_encode_ms']:.2f} "
               f"| {row['e2e_s']:.2f} | {eager['e2e_s'] / row['e2e_s']:.2f} "
               f"| {row['peak_mb']:.0f} | {row['peak_mb'] / eager['peak_mb']:.2f} |")
 
@@ -278,7 +292,7 @@ def main() -> None:
     parser.add_argument("--torch-compile", action="store_true", help="also time eager under torch.compile")
     parser.add_argument("--export-memory", action="store_true", help="also measure the UNet export's peak memory")
     parser.add_argument("--json", help="also write the table's rows to this JSON file")
-    parser.add_argument("--engine-components", default="unet,vae_decoder",
+    parser.add_argument("--engine-components", default=DEFAULT_ENGINE_COMPONENTS,
                         help="components engine variants build and run (the others run eagerly)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

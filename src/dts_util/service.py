@@ -241,7 +241,8 @@ class ImageService:
             result = GenerationPipeline(model, components, should_stop, on_preview)(req, events)
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
-        summary = (f"worker={self.worker} model={model.name} mode={req.mode} size={width}x{height} "
+        source = f" init={req.init.source_size[0]}x{req.init.source_size[1]}" if req.init is not None else ""
+        summary = (f"worker={self.worker} model={model.name} mode={req.mode}{source} size={width}x{height} "
                    f"batch={req.batch_size}x{req.batch_count} steps={req.steps} sampler={req.sampler.name!r} {backends}")
         details = {"worker": self.worker, "prediction_type": model.info.prediction_type, "prediction_source": model.info.prediction_source,
                    "model_file": "single file" if model.info.single_file else "diffusers folder",
