@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the gRPC Python modules from proto/image_generation.proto.
+"""Regenerate the gRPC Python modules from the .proto files in proto/.
 
     python tools/gen_proto.py          # write src/dts_util/grpc/proto/*_pb2*.py
     python tools/gen_proto.py --check  # exit 1 if the committed modules drifted
@@ -20,8 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PROTO_DIR = REPO / "proto"
 OUT_DIR = REPO / "src" / "dts_util" / "grpc" / "proto"
-PROTO_NAME = "image_generation.proto"
-GENERATED = ("image_generation_pb2.py", "image_generation_pb2.pyi", "image_generation_pb2_grpc.py")
+# The seed protocol (drawthings.ImageGenerationService) and the Draw Things app's own protocol.
+PROTO_NAMES = ("image_generation.proto", "draw_things_app.proto")
+STEMS = tuple(name.removesuffix(".proto") for name in PROTO_NAMES)
+GENERATED = tuple(f"{stem}{suffix}" for stem in STEMS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 def generate(out_dir: Path) -> None:
@@ -34,16 +36,16 @@ def generate(out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        str(PROTO_DIR / PROTO_NAME),
+        *(str(PROTO_DIR / name) for name in PROTO_NAMES),
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed; see the messages above")
     # protoc writes `import image_generation_pb2`, which only works with the
     # folder on sys.path; inside a package the import has to be relative.
-    grpc_module = out_dir / "image_generation_pb2_grpc.py"
-    text = re.sub(r"^import image_generation_pb2 as", "from . import image_generation_pb2 as",
-                  grpc_module.read_text(), flags=re.M)
-    grpc_module.write_text(text)
+    for stem in STEMS:
+        grpc_module = out_dir / f"{stem}_pb2_grpc.py"
+        text = re.sub(rf"^import {stem}_pb2 as", f"from . import {stem}_pb2 as", grpc_module.read_text(), flags=re.M)
+        grpc_module.write_text(text)
 
 
 def drifted() -> list[str]:

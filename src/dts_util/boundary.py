@@ -79,6 +79,16 @@ class GenerationOutput:
     summary: str
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a client's model browser needs to know about a servable model, read from its configs."""
+
+    name: str
+    family: str  # "sd1", "sd2" or "sdxl"
+    native_size: int  # pixels per side
+    inpainting: bool  # a dedicated inpainting model (9-channel UNet)
+
+
 # Called from the generation thread with each progress event and, on preview steps, a preview PNG.
 UpdateCallback = Callable[[dict, "bytes | None"], None]
 
@@ -91,6 +101,9 @@ class ImageGenerator(Protocol):
 
     def model_names(self) -> list[str]:
         """Models clients may name, for Echo."""
+
+    def describe_models(self) -> list[ModelDescription]:
+        """Every servable model with its family and size (models whose configs cannot be read are left out)."""
 
     def files_changed(self, path: Path) -> None:
         """A store file was replaced: forget what was loaded from it."""

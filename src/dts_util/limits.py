@@ -16,6 +16,11 @@ MAX_INPUT_IMAGE_PIXELS = 4096 * 4096
 MAX_INPUT_IMAGE_SIDE = 8192
 MAX_MASK_BLUR = 64
 
+# The Draw Things app's GenerateImage carries its image as an fp16 tensor (2048x2048: 24 MiB raw), its mask
+# and hints beside it.
+MAX_APP_GENERATE_REQUEST_BYTES = 32 * MiB
+MAX_APP_CONTENTS = 16  # tensors in one request's content-addressed list
+
 # Request messages, per RPC (serialized size). Larger ones are RESOURCE_EXHAUSTED.
 MAX_GENERATE_REQUEST_BYTES = MAX_INIT_IMAGE_BYTES + MAX_MASK_BYTES + 256 * KiB
 MAX_FILES_EXIST_REQUEST_BYTES = 512 * KiB

@@ -115,6 +115,9 @@ class WorkerPool:
     def model_names(self) -> list[str]:
         return self.store.model_names()
 
+    def describe_models(self) -> list:
+        return self.workers[0].service.describe_models()
+
     def files_changed(self, path: Path) -> None:
         for worker in self.workers:
             worker.service.files_changed(path)

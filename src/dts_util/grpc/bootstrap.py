@@ -19,14 +19,14 @@ from grpc_reflection.v1alpha import reflection
 from dts_util.boundary import ImageGenerator
 from dts_util.config import ServerConfig, is_loopback
 from dts_util.errors import StartupError
-from dts_util.grpc import drawthings
+from dts_util.grpc import drawthings, drawthings_app
 from dts_util.grpc.interceptors import RequestInterceptor
 from dts_util.grpc.protocol import ProtocolService
 from dts_util.limits import MAX_RECEIVE_MESSAGE_BYTES, MAX_RESPONSE_BYTES
 
 log = logging.getLogger(__name__)
 # The protocols a server speaks; a new one is a package under grpc/ and an entry here.
-PROTOCOLS: tuple[ProtocolService, ...] = (drawthings.SERVICE,)
+PROTOCOLS: tuple[ProtocolService, ...] = (drawthings.SERVICE, drawthings_app.SERVICE)
 # Seconds in-flight RPCs get to finish on SIGTERM/SIGINT before they are cancelled.
 GRACE_SECONDS = 10.0
 
@@ -114,12 +114,18 @@ async def start_server(config: ServerConfig, generator: ImageGenerator,
                        protocols: tuple[ProtocolService, ...] = PROTOCOLS) -> RunningServer:
     """Bind, register ``protocols`` over ``generator`` and start; health says NOT_SERVING until
     ``set_serving(True)``."""
-    options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    # A little over the largest per-method limit, so each method's own limit answers with its own message.
+    largest = max([MAX_RECEIVE_MESSAGE_BYTES, *(limit + 64 * 1024 for p in protocols
+                                                for limit in p.request_limits.values())])
+    options = [("grpc.max_receive_message_length", largest),
                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
                # gRPC sets SO_REUSEPORT by default: a second server on a busy port would "start" and
                # share its clients with the first. One server per port.
                ("grpc.so_reuseport", 0)]
-    interceptor = RequestInterceptor(config.auth_token, path_scrubber(config))
+    interceptor = RequestInterceptor(
+        config.auth_token, path_scrubber(config),
+        own_secret_prefixes=tuple(p.method_prefix for p in protocols if p.checks_own_secret),
+        method_limits={method: limit for p in protocols for method, limit in p.request_limits.items()})
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     for protocol in protocols:
         protocol.register(server, generator, config)

@@ -82,18 +82,23 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         scrub: turns a message into what a client may see (e.g. removes server paths).
     """
 
-    def __init__(self, token: str = "", scrub: Callable[[str], str] = str) -> None:
+    def __init__(self, token: str = "", scrub: Callable[[str], str] = str, own_secret_prefixes: tuple[str, ...] = (),
+                 method_limits: dict[str, int] | None = None) -> None:
         self._checker = TokenChecker(token) if token else None
         self._scrub = scrub
+        self._own_secret_prefixes = own_secret_prefixes  # services whose servicers check their own secret
+        self._method_limits = method_limits or {}  # full method path -> bytes
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_SERVICE_PREFIX):
             return handler
-        refused = self._checker.why_refused(details.invocation_metadata) if self._checker else None
-        call = _Call(details.method.rsplit("/", 1)[-1], refused, self._scrub)
-        limit = REQUEST_LIMITS.get(call.method, MAX_RECEIVE_MESSAGE_BYTES)
-        deserialize = _limited(handler.request_deserializer, limit)
+        refused = None
+        if self._checker is not None and not details.method.startswith(self._own_secret_prefixes):
+            refused = self._checker.why_refused(details.invocation_metadata)
+        limit = self._method_limits.get(details.method)
+        call = _Call(details.method.rsplit("/", 1)[-1], refused, self._scrub, limit)
+        deserialize = _limited(handler.request_deserializer, call.limit)
         kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, call.unary_response),
                  ("stream_unary", grpc.stream_unary_rpc_method_handler, call.unary_response),
                  ("unary_stream", grpc.unary_stream_rpc_method_handler, call.stream_response),
@@ -109,8 +114,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """Wraps one RPC method's behaviour with the interceptor's checks, status mapping and log line."""
 
-    def __init__(self, method: str, refused: str | None, scrub: Callable[[str], str]) -> None:
+    def __init__(self, method: str, refused: str | None, scrub: Callable[[str], str], limit: int | None = None) -> None:
         self.method, self.refused, self.scrub = method, refused, scrub
+        self.limit = limit or REQUEST_LIMITS.get(method, MAX_RECEIVE_MESSAGE_BYTES)
 
     def unary_response(self, behavior: Callable, streaming_request: bool) -> Callable:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -160,9 +166,8 @@ class _Outcome:
             raise InvalidRequest(f"the {self.call.method} request message is not valid protobuf (string fields "
                                  "must be UTF-8); check the client's message definitions")
         if isinstance(request, _Oversized):
-            limit = REQUEST_LIMITS.get(self.call.method, MAX_RECEIVE_MESSAGE_BYTES)
             raise RequestTooLarge(f"the {self.call.method} request message is {request.size} bytes; this server "
-                                  f"accepts at most {limit} bytes per {self.call.method} message")
+                                  f"accepts at most {self.call.limit} bytes per {self.call.method} message")
 
     async def __aenter__(self) -> "_Outcome":
         _request_log.set(self.fields)

@@ -8,8 +8,8 @@ adding a protocol means adding a package and a list entry, nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping
 
 if TYPE_CHECKING:
     import grpc
@@ -25,7 +25,17 @@ class ProtocolService:
     Attributes:
         name: the fully qualified service name (health and reflection report it).
         register: adds the service's servicer over ``generator`` to ``server``.
+        checks_own_secret: the protocol carries its credential in its messages (the Draw Things app's shared
+            secret), so the interceptor leaves the bearer-token check to its servicer.
+        request_limits: bytes per request message, by full method path, where they differ from the
+            defaults by method name (``limits.py``).
     """
 
     name: str
     register: Callable[["grpc.aio.Server", "ImageGenerator", "ServerConfig"], None]
+    checks_own_secret: bool = False
+    request_limits: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def method_prefix(self) -> str:
+        return f"/{self.name}/"

@@ -1,0 +1,170 @@
+"""The app's ``GenerationConfiguration`` flatbuffer, read slot by slot, and what it asks of the model layer.
+
+The schema (``config.fbs`` of the app) has no file identifier and numbers its fields
+by position, deprecated ones included; the app leaves out every field equal to its
+default, so each read below names the schema's default. Sizes are in 64-pixel
+units. What the app can ask for and dts-util cannot do yet is refused by name
+(``unsupported``), never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dts_util.errors import FeatureUnavailable, InvalidRequest
+
+MAX_CONFIGURATION_BYTES = 64 * 1024
+MAX_CONFIGURATION_LORAS = 8
+SIZE_UNIT = 64
+# The app's SamplerType, by value, to the sampler names dts-util knows ("" = not available here).
+SAMPLERS = ("DPM++ 2M Karras", "Euler a", "DDIM", "PLMS", "DPM++ SDE Karras", "UniPC", "LCM", "", "", "TCD",
+            "Euler A Trailing", "DPM++ SDE Trailing", "", "", "", "DPM++ 2M Trailing", "DDIM Trailing",
+            "UniPC Trailing", "", "")
+SAMPLER_NAMES = ("DPMPP2MKarras", "EulerA", "DDIM", "PLMS", "DPMPPSDEKarras", "UniPC", "LCM", "EulerASubstep",
+                 "DPMPPSDESubstep", "TCD", "EulerATrailing", "DPMPPSDETrailing", "DPMPP2MAYS", "EulerAAYS",
+                 "DPMPPSDEAYS", "DPMPP2MTrailing", "DDIMTrailing", "UniPCTrailing", "UniPCAYS", "TCDTrailing")
+
+
+@dataclass(frozen=True)
+class AppLora:
+    file: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class AppConfiguration:
+    """The fields of a GenerationConfiguration that dts-util reads (sizes in pixels)."""
+
+    width: int
+    height: int
+    seed: int
+    steps: int
+    guidance_scale: float
+    strength: float
+    model: str
+    sampler: str
+    batch_count: int
+    batch_size: int
+    hires_fix: bool
+    hires_fix_width: int
+    hires_fix_height: int
+    hires_fix_strength: float
+    clip_skip: int
+    mask_blur: float
+    loras: tuple[AppLora, ...]
+    unsupported: tuple[str, ...]  # what it asks for that dts-util cannot do, by name
+
+
+class _Table:
+    """One flatbuffers table: scalar, string and table-vector fields by slot, with the schema's defaults."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    @classmethod
+    def root(cls, data: bytes) -> "_Table":
+        from flatbuffers import encode
+        from flatbuffers import number_types as types
+        from flatbuffers.table import Table
+
+        buffer = bytearray(data)
+        return cls(Table(buffer, encode.Get(types.UOffsetTFlags.packer_type, buffer, 0)))
+
+    def _offset(self, slot: int) -> int:
+        return self.table.Offset(4 + 2 * slot)
+
+    def scalar(self, slot: int, kind: str, default: float | int | bool = 0):
+        from flatbuffers import number_types as types
+
+        offset = self._offset(slot)
+        if not offset:
+            return default
+        flags = {"bool": types.BoolFlags, "i8": types.Int8Flags, "u8": types.Uint8Flags, "u16": types.Uint16Flags,
+                 "u32": types.Uint32Flags, "i32": types.Int32Flags, "f32": types.Float32Flags}[kind]
+        return self.table.Get(flags, self.table.Pos + offset)
+
+    def string(self, slot: int) -> str:
+        offset = self._offset(slot)
+        if not offset:
+            return ""
+        return self.table.String(self.table.Pos + offset).decode("utf-8", "replace")
+
+    def tables(self, slot: int, limit: int) -> list["_Table"]:
+        offset = self._offset(slot)
+        if not offset:
+            return []
+        count = self.table.VectorLen(offset)
+        if count > limit:
+            raise InvalidRequest(f"the configuration lists {count} entries in field {slot}; at most {limit}")
+        start = self.table.Vector(offset)
+        kind = type(self.table)
+        return [_Table(kind(self.table.Bytes, self.table.Indirect(start + 4 * index))) for index in range(count)]
+
+
+def parse(data: bytes) -> AppConfiguration:
+    """Read the app's configuration; a buffer that is no GenerationConfiguration is InvalidRequest."""
+    if not data:
+        raise InvalidRequest("configuration is empty; send a GenerationConfiguration flatbuffer")
+    if len(data) > MAX_CONFIGURATION_BYTES:
+        raise InvalidRequest(f"configuration has {len(data)} bytes; send at most {MAX_CONFIGURATION_BYTES}")
+    try:
+        return _read(data)
+    except (InvalidRequest, FeatureUnavailable):
+        raise
+    except Exception:  # noqa: BLE001 - offsets out of range, bad UTF-8 lengths: a malformed buffer
+        raise InvalidRequest("configuration is not a readable GenerationConfiguration flatbuffer") from None
+
+
+def _read(data: bytes) -> AppConfiguration:
+    root = _Table.root(data)
+    sampler_value = root.scalar(8, "i8", 0)
+    sampler = SAMPLERS[sampler_value] if 0 <= sampler_value < len(SAMPLERS) else ""
+    unsupported = _unsupported(root)
+    if not sampler:
+        name = SAMPLER_NAMES[sampler_value] if 0 <= sampler_value < len(SAMPLER_NAMES) else f"#{sampler_value}"
+        unsupported.append(f"the {name} sampler")
+    loras = tuple(AppLora(t.string(0), float(t.scalar(1, "f32", 0.6)))
+                  for t in root.tables(20, MAX_CONFIGURATION_LORAS))
+    return AppConfiguration(
+        width=root.scalar(1, "u16") * SIZE_UNIT, height=root.scalar(2, "u16") * SIZE_UNIT,
+        seed=root.scalar(3, "u32"), steps=root.scalar(4, "u32"), guidance_scale=_finite(root.scalar(5, "f32")),
+        strength=_finite(root.scalar(6, "f32")), model=root.string(7), sampler=sampler,
+        batch_count=root.scalar(9, "u32", 1), batch_size=root.scalar(10, "u32", 1),
+        hires_fix=bool(root.scalar(11, "bool", False)), hires_fix_width=root.scalar(12, "u16") * SIZE_UNIT,
+        hires_fix_height=root.scalar(13, "u16") * SIZE_UNIT,
+        hires_fix_strength=_finite(root.scalar(14, "f32", 0.7)), clip_skip=root.scalar(18, "u32", 1),
+        mask_blur=_finite(root.scalar(21, "f32", 0.0)), loras=loras, unsupported=tuple(unsupported),
+    )
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidRequest(f"the configuration holds {value}; send finite numbers")
+    return float(value)
+
+
+def _unsupported(root: _Table) -> list[str]:
+    """What the configuration asks for that dts-util cannot do yet, by the name the app shows."""
+    found = []
+    for slot, feature in ((15, "an upscaler"), (22, "face restoration"), (28, "a refiner model")):
+        if root.string(slot):
+            found.append(f"{feature} ({root.string(slot)[:80]})")
+    if root.tables(19, 64):
+        found.append("ControlNet / control inputs")
+    flags = ((59, "tiled diffusion"), (75, "TeaCache"), (65, "a separate CLIP-L prompt"),
+             (67, "a separate OpenCLIP-G prompt"), (76, "a separate T5 prompt"), (79, "causal inference"),
+             (82, "CFG-Zero*"))
+    found += [feature for slot, feature in flags if root.scalar(slot, "bool", False)]
+    if root.scalar(48, "f32", 0.0):
+        found.append("sharpness")
+    if root.scalar(84, "i8", 0):
+        found.append("compression artifacts")
+    if root.scalar(86, "i8", 0):
+        found.append("color calibration")
+    return found
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """Sampling steps an image-to-image pass runs, as the pipeline counts them (diffusers', at least one)."""
+    return max(1, min(int(steps * strength), steps))
