@@ -19,4 +19,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "==> installing dts-util and its dependencies"
 "${PIP[@]}" install -e ".[test]"
+# An independent implementation of the Draw Things app's configuration (flatc's code for its schema),
+# for tests/grpc/drawthings_app. Without its dependencies: the tests load only that generated file,
+# and its own pins (Pillow < 13) would downgrade ours.
+"${PIP[@]}" install --no-deps "drawthings-py==0.4.0"
 echo "==> ready: $(.venv/bin/dts-util --version)"

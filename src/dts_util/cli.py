@@ -149,6 +149,11 @@ def serve(
                                                     "(0 = off).", rich_help_panel=SERVE)] = 0,
     metrics_address: Annotated[str, typer.Option(help="Address of the metrics endpoint (unauthenticated: keep it "
                                                       "private).", rich_help_panel=SERVE)] = "127.0.0.1",
+    advertise: Annotated[bool, typer.Option(
+        help="Announce the server over mDNS (_dt-grpc._tcp) so the Draw Things app lists it.",
+        rich_help_panel=SERVE)] = False,
+    advertise_name: Annotated[str, typer.Option(help="Name the Draw Things app shows for this server.",
+                                                show_default="the host name", rich_help_panel=SERVE)] = "",
     png_compression: Annotated[str, typer.Option(
         help="PNG encoding: fast (fpng, lossless, about 10x zlib's speed) or a zlib level 0-9 (smaller files).",
         rich_help_panel=SERVE)] = "fast",
@@ -196,7 +201,8 @@ def serve(
         rich_help_panel=BUILD)] = False,
     log_level: Annotated[LogLevel, typer.Option(help="Log verbosity.")] = LogLevel.info,
 ) -> None:
-    """Start the gRPC server (drawthings.ImageGenerationService) and serve until Ctrl-C / SIGTERM."""
+    """Start the gRPC server (drawthings.ImageGenerationService, and the Draw Things app's
+    ImageGenerationService on the same port) and serve until Ctrl-C / SIGTERM."""
     _setup_logging(log_level, rich=False)
     import asyncio
 
@@ -217,7 +223,8 @@ def serve(
             png_compression=png_compression, metrics_port=metrics_port, metrics_address=metrics_address,
             build_missing=build_missing, torch_compile=torch_compile, channels_last=channels_last,
             compile_resolutions=_parse_resolutions(compile_resolution), auth_token=token, allow_no_auth=no_auth,
-            tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
+            tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, advertise=advertise,
+            advertise_name=advertise_name)
         asyncio.run(_serve(config, engines))
     except (StartupError, DtsError, ValueError) as exc:
         raise _fail(str(exc))

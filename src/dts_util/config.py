@@ -113,6 +113,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    advertise: bool = False  # announce the server to the Draw Things app over mDNS
+    advertise_name: str = ""  # what the app shows ("" = the host name)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

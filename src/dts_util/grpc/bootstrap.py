@@ -169,6 +169,7 @@ async def serve(config: ServerConfig, generator: ImageGenerator) -> None:
                     "write to the model store", config.address, running.port)
     elif config.auth_token and not config.tls_cert and not is_loopback(config.address):
         log.warning("the token travels in plaintext: add --tls-cert/--tls-key (see `dts-util tls init`)")
+    advertiser = await _advertise(config, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -181,4 +182,23 @@ async def serve(config: ServerConfig, generator: ImageGenerator) -> None:
             await stop.wait()
     finally:
         log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
+        if advertiser is not None:
+            await advertiser.stop()
         await running.stop()
+
+
+async def _advertise(config: ServerConfig, port: int):
+    """With ``--advertise``, announce the server over mDNS so the Draw Things app lists it."""
+    if not config.advertise:
+        return None
+    from dts_util.grpc.drawthings_app.advertise import Advertiser
+
+    if is_loopback(config.address):
+        log.warning("--advertise: the server listens on loopback only, so the app on another device could not "
+                    "reach it; listen on the network (a token, or --no-auth) to be found")
+    advertiser = Advertiser(config.advertise_name, port, config.tls_cert is not None, config.address)
+    try:
+        await advertiser.start()
+    except OSError as exc:
+        raise StartupError(f"cannot announce the server over mDNS: {exc.strerror or exc}") from None
+    return advertiser
