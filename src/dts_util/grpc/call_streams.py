@@ -114,3 +114,15 @@ async def generation_stream(generator: ImageGenerator, request: GenerationReques
         job.cancel()  # the worker's queue sets the stop flag; the generation ends at its next step
         raise
     yield output
+
+
+async def open_upload(store: Any, name: str, overwrite: bool, declared_size: int) -> Any:
+    """``store.open_upload`` in a thread; if the call is cancelled meanwhile, abort what was opened."""
+    opening = asyncio.get_running_loop().run_in_executor(None, store.open_upload, name, overwrite, declared_size)
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        await asyncio.wait([opening])
+        if not opening.cancelled() and opening.exception() is None:
+            opening.result().abort()
+        raise

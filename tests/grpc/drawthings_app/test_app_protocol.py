@@ -106,6 +106,19 @@ def test_img2img_and_inpainting_from_tensors_match_the_seed_protocol(app, client
     assert np.array_equal(result_pixels(inpainted[0]), _png_pixels(seed_inpaint.images[0]))
 
 
+def test_the_high_res_fix_and_batches_match_the_seed_protocol(app, client) -> None:
+    config = configuration(model=MODEL, **{**CONFIG, "start_width": 4, "start_height": 4, "hires_fix": True,
+                                           "hires_fix_start_width": 2, "hires_fix_start_height": 2,
+                                           "hires_fix_strength": 0.5, "batch_size": 2})
+    responses, images = generate(app, prompt="a harbour", negativePrompt="fog", configuration=config)
+    seed = client.generate(**{**SEED_REQUEST, "batch_size": 2}, enable_hr=True, hr_scale=2.0, denoising_strength=0.5)
+    assert len(images) == 2
+    for blob, png in zip(images, seed.images):
+        assert np.array_equal(result_pixels(blob), _png_pixels(png))  # 256x256, upscaled from 128x128
+    names = [r.currentSignpost.WhichOneof("signpost") for r in responses if r.HasField("currentSignpost")]
+    assert names[-1] == "secondPassImageDecoded" and names.count("secondPassSampling") == 2
+
+
 def test_inline_tensors_are_read_too(app, client) -> None:
     """Clients other than the app put the tensor in the field itself rather than in contents."""
     image = _noise()
@@ -257,3 +270,32 @@ def test_uploads_of_loadable_files_are_checked_and_stored(make_server) -> None:
         assert own_format.code() == grpc.StatusCode.FAILED_PRECONDITION and "own model format" in own_format.details()
     assert not any((server.service.store.root / "uploads").glob("bad*"))
     assert not (server.service.store.root / "my_model_f16.ckpt").exists()
+
+
+def test_the_wire_contract_with_the_app() -> None:
+    """Names and numbers the app sends and reads (its public definition); none may move."""
+    expected = {
+        "EchoRequest": {"name": 1, "sharedSecret": 2},
+        "EchoReply": {"message": 1, "files": 2, "override": 3, "sharedSecretMissing": 4, "serverIdentifier": 6},
+        "FileListRequest": {"files": 1, "filesWithHash": 2, "sharedSecret": 3},
+        "FileExistenceResponse": {"files": 1, "existences": 2, "hashes": 3},
+        "ImageGenerationRequest": {"image": 1, "scaleFactor": 2, "mask": 3, "hints": 4, "prompt": 5,
+                                   "negativePrompt": 6, "configuration": 7, "override": 8, "contents": 12,
+                                   "sharedSecret": 13, "chunked": 14},
+        "ImageGenerationResponse": {"generatedImages": 1, "currentSignpost": 2, "signposts": 3, "previewImage": 4,
+                                    "scaleFactor": 5, "downloadSize": 7, "chunkState": 8},
+        "FileUploadRequest": {"initRequest": 1, "chunk": 2, "sharedSecret": 3},
+        "InitUploadRequest": {"filename": 1, "sha256": 2, "totalSize": 3},
+        "UploadResponse": {"chunkUploadSuccess": 1, "receivedOffset": 2, "message": 3, "filename": 4},
+        "FileChunk": {"content": 1, "filename": 2, "offset": 3},
+    }
+    assert pb.DESCRIPTOR.package == ""  # the app calls /ImageGenerationService/<Rpc>
+    for message, fields in expected.items():
+        by_name = pb.DESCRIPTOR.message_types_by_name[message].fields_by_name
+        assert {name: by_name[name].number for name in fields} == fields
+    signpost = pb.DESCRIPTOR.message_types_by_name["ImageGenerationSignpostProto"].fields_by_name
+    assert [signpost[n].number for n in ("textEncoded", "imageEncoded", "sampling", "imageDecoded",
+                                         "secondPassSampling", "secondPassImageDecoded")] == [1, 2, 3, 4, 6, 7]
+    methods = pb.DESCRIPTOR.services_by_name["ImageGenerationService"].methods_by_name
+    assert methods["GenerateImage"].server_streaming and methods["UploadFile"].client_streaming
+    assert methods["UploadFile"].server_streaming

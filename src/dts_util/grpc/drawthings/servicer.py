@@ -18,7 +18,7 @@ from dts_util.client_text import quote
 from dts_util.errors import DtsError, InvalidRequest
 from dts_util.boundary import GenerationOutput, ImageGenerator
 from dts_util.grpc.call_streams import (CallWatch, UploadMessages, confirm_client_finished, generation_stream,
-                                        in_thread)
+                                        in_thread, open_upload)
 from dts_util.grpc.drawthings import convert
 from dts_util.grpc.interceptors import request_log
 from dts_util.grpc.proto import image_generation_pb2 as pb
@@ -92,7 +92,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         request_log()["file"] = first.filename
         declared = _Declared()
         declared.update(first)  # a malformed declaration is refused before anything is opened
-        upload = await self._open(first)
+        upload = await open_upload(self.generator.store, first.filename, first.overwrite, first.total_size)
         try:
             digest = await self._receive(upload, first, messages, declared)
             await confirm_client_finished(context, watch)
@@ -104,18 +104,6 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
             self.generator.files_changed(upload.target)
         request_log().update(bytes=upload.size, unchanged=upload.unchanged)
         return convert.upload_response(quote(first.filename), upload.size, digest, upload.unchanged)
-
-    async def _open(self, first: pb.UploadFileRequest) -> Upload:
-        """Open the upload in a thread; if the call is cancelled meanwhile, abort what was opened."""
-        opening = asyncio.get_running_loop().run_in_executor(
-            None, self.generator.store.open_upload, first.filename, first.overwrite, first.total_size)
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            await asyncio.wait([opening])
-            if not opening.cancelled() and opening.exception() is None:
-                opening.result().abort()
-            raise
 
     async def _receive(self, upload: Upload, first: pb.UploadFileRequest, messages: UploadMessages,
                        declared: "_Declared") -> str:

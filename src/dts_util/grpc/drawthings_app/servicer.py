@@ -21,7 +21,7 @@ import grpc
 from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator
 from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest, Unauthenticated, UploadCorrupt
-from dts_util.grpc.call_streams import CallWatch, UploadMessages, generation_stream, in_thread
+from dts_util.grpc.call_streams import CallWatch, UploadMessages, generation_stream, in_thread, open_upload
 from dts_util.grpc.drawthings_app import configuration
 from dts_util.grpc.drawthings_app.names import AppNames
 from dts_util.grpc.interceptors import request_log
@@ -204,7 +204,8 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         init = first.initRequest
         request_log()["file"] = init.filename
         _check_uploadable(init)
-        upload = await in_thread(self.generator.store.open_upload, init.filename, True, init.totalSize)
+        # The app replaces a file whose hash it found different, as gRPCServerCLI lets it.
+        upload = await open_upload(self.generator.store, init.filename, True, init.totalSize)
         try:
             yield pb.UploadResponse(chunkUploadSuccess=True, filename=init.filename, receivedOffset=0,
                                     message="upload started")
