@@ -8,9 +8,9 @@ from __future__ import annotations
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
-# Input images of img2img and inpainting (encoded bytes, and pixels once decoded). 12 MiB holds a
-# 2048x2048 photo as PNG; a mask is two-tone and compresses far better.
-MAX_INIT_IMAGE_BYTES = 12 * MiB
+# Input images of img2img and inpainting (encoded bytes, and pixels once decoded). 16 MiB holds any
+# 2048x2048 RGB PNG, even of noise (12.6 MB raw); a mask is two-tone and compresses far better.
+MAX_INIT_IMAGE_BYTES = 16 * MiB
 MAX_MASK_BYTES = 4 * MiB
 MAX_INPUT_IMAGE_PIXELS = 4096 * 4096
 MAX_INPUT_IMAGE_SIDE = 8192

@@ -20,7 +20,7 @@ from dts_util.config import ServerConfig, check_dtype, resolve_device
 from dts_util.engines.components import UNET, VAE_DECODER, VAE_ENCODER, ComponentDescriptor
 from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
-from dts_util.errors import DtsError, RequestTooLarge
+from dts_util.errors import RequestTooLarge
 from dts_util.limits import MAX_RESPONSE_BYTES, MAX_PROMPT_CHARS
 from dts_util.models.loader import LoadedModel, load_model, model_stamp
 from dts_util.metrics import observe_generation
@@ -120,6 +120,7 @@ class ImageService:
         self._loaded_names: frozenset[str] = frozenset()  # a lock-free copy of the keys above
         self._lock = threading.Lock()
         self._descriptions: dict[str, tuple[tuple, ModelDescription]] = {}
+        self._descriptions_lock = threading.Lock()
 
     def ensure_default_model(self) -> None:
         """Create the built-in model on first run when it is the default."""
@@ -133,23 +134,29 @@ class ImageService:
 
     def describe_models(self) -> list[ModelDescription]:
         """Family and size of every servable model, from its configs (remembered while its files stay the same)."""
-        from dts_util.models.loader import inspect_model
-
         described = []
         for name in self.store.model_names():
             try:
-                path = self.store.require_model(name)
-                stamp = model_stamp(path)
-                if self._descriptions.get(name, (None,))[0] != stamp:
-                    info = inspect_model(name, path, self.config.engine_dir / "single-file-configs")
-                    family = "sdxl" if info.family == "sdxl" else \
-                        "sd2" if info.unet_config.get("use_linear_projection") else "sd1"
-                    self._descriptions[name] = (stamp, ModelDescription(name, family, info.native_size,
-                                                                        info.inpainting))
-                described.append(self._descriptions[name][1])
-            except (DtsError, OSError) as exc:
+                described.append(self._describe(name))
+            except Exception as exc:  # noqa: BLE001 - one unreadable model must not hide the others
                 log.warning("model %r is left out of the model list: %s", name, exc)
         return described
+
+    def _describe(self, name: str) -> ModelDescription:
+        from dts_util.models.loader import inspect_model
+
+        path = self.store.require_model(name)
+        stamp = model_stamp(path)
+        with self._descriptions_lock:  # not the models' lock: Echo must not wait for a model to load
+            cached = self._descriptions.get(name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        info = inspect_model(name, path, self.config.engine_dir / "single-file-configs")
+        family = "sdxl" if info.family == "sdxl" else "sd2" if info.unet_config.get("use_linear_projection") else "sd1"
+        description = ModelDescription(name, family, info.native_size, info.inpainting)
+        with self._descriptions_lock:
+            self._descriptions[name] = (stamp, description)
+        return description
 
     def model(self, name: str) -> LoadedModel:
         """The loaded model ``name`` ("" = default); inspects configs only, weights load lazily.

@@ -169,12 +169,13 @@ async def serve(config: ServerConfig, generator: ImageGenerator) -> None:
                     "write to the model store", config.address, running.port)
     elif config.auth_token and not config.tls_cert and not is_loopback(config.address):
         log.warning("the token travels in plaintext: add --tls-cert/--tls-key (see `dts-util tls init`)")
-    advertiser = await _advertise(config, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    advertiser = None
     try:
+        advertiser = await _advertise(config, running.port)
         await asyncio.to_thread(generator.warm_up)
         if not stop.is_set():  # a SIGTERM during warm-up: never report SERVING on the way out
             await running.set_serving(True)
@@ -199,6 +200,8 @@ async def _advertise(config: ServerConfig, port: int):
     advertiser = Advertiser(config.advertise_name, port, config.tls_cert is not None, config.address)
     try:
         await advertiser.start()
-    except OSError as exc:
-        raise StartupError(f"cannot announce the server over mDNS: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - zeroconf's name errors are not OSErrors
+        await advertiser.stop()
+        raise StartupError(f"cannot announce the server over mDNS: {exc}; check --advertise-name (one DNS label "
+                           "of at most 63 bytes, not used by another server)") from None
     return advertiser

@@ -98,7 +98,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             refused = self._checker.why_refused(details.invocation_metadata)
         limit = self._method_limits.get(details.method)
         call = _Call(details.method.rsplit("/", 1)[-1], refused, self._scrub, limit)
-        deserialize = _limited(handler.request_deserializer, call.limit)
+        # A refused call's messages are never parsed: it is answered UNAUTHENTICATED from its metadata alone.
+        deserialize = (lambda data: None) if refused is not None else _limited(handler.request_deserializer,
+                                                                               call.limit)
         kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, call.unary_response),
                  ("stream_unary", grpc.stream_unary_rpc_method_handler, call.unary_response),
                  ("unary_stream", grpc.unary_stream_rpc_method_handler, call.stream_response),

@@ -5,9 +5,9 @@ model sees it: the encoded size, the format (PNG, JPEG or WebP), the pixel count
 (read from the header, before any pixel is decoded), a complete decode, and the
 mask's size against the image's. A failure is ``InvalidRequest`` saying what to fix.
 
-The sizing rules are diffusers' (``VaeImageProcessor``): without a width and height
-the output takes the image's size rounded down to multiples of 8, and the image is
-stretched to the output size with Lanczos. The mask is read as greyscale at the
+The sizing rules are those of diffusers' img2img pipeline and ``VaeImageProcessor``
+(and A1111's): without a width and height the output takes the image's size rounded
+down to multiples of 8, and the image is stretched to the output size with Lanczos. The mask is read as greyscale at the
 image's size and stretched the same way; then ``mask_blur`` softens it.
 """
 

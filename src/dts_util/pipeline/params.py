@@ -194,7 +194,8 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
     if req.seed < -1 or req.seed > MAX_SEED:
         raise InvalidRequest(f"seed is {req.seed}; send -1 for a random seed or a value in 0..{MAX_SEED}")
     seed = random.randint(0, 2**32 - 1) if req.seed == -1 else req.seed
-    strength = _finite("denoising_strength", req.denoising_strength) or DEFAULT_STRENGTH
+    # Clients send float32: 0.7 arrives as 0.69999998, which would make int(10 x strength) 6 steps, not 7.
+    strength = round(_finite("denoising_strength", req.denoising_strength), 6) or DEFAULT_STRENGTH
     if not 0 < strength <= 1:
         raise InvalidRequest(f"denoising_strength is {strength}; it must be in (0, 1] (or 0 for 0.7)")
     hr_scale = _finite("hr_scale", req.hr_scale) or DEFAULT_HR_SCALE

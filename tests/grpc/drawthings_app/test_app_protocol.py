@@ -119,6 +119,19 @@ def test_the_high_res_fix_and_batches_match_the_seed_protocol(app, client) -> No
     assert names[-1] == "secondPassImageDecoded" and names.count("secondPassSampling") == 2
 
 
+def test_no_guidance_and_no_paste_back_mean_what_they_say(app, client) -> None:
+    image, mask = _noise(), _mask()
+    tensor, mask_blob = image_tensor(image), mask_tensor(mask)
+    config = configuration(model=MODEL, **{**CONFIG, "guidance_scale": 0.0, "strength": 0.7, "steps": 10,
+                                           "preserve_original_after_inpaint": False})
+    _, images = generate(app, prompt="a harbour", negativePrompt="fog", configuration=config, image=tensor,
+                         mask=mask_blob)
+    seed = client.generate(**{**SEED_REQUEST, "steps": 10, "cfg_scale": 1.0}, init_image=_png(image), mask=_png(mask),
+                           denoising_strength=0.7, skip_mask_overlay=True)
+    assert np.array_equal(result_pixels(images[0]), _png_pixels(seed.images[0]))
+    assert json.loads(seed.info)["denoising_steps"] == 7  # 10 x 0.7, though 0.7 arrives as float32 0.69999998
+
+
 def test_inline_tensors_are_read_too(app, client) -> None:
     """Clients other than the app put the tensor in the field itself rather than in contents."""
     image = _noise()
@@ -189,6 +202,8 @@ def test_large_images_come_in_chunks_when_the_client_asks(app) -> None:
     (dict(controls=1), "ControlNet"),
     (dict(sampler=12), "the DPMPP2MAYS sampler"),
     (dict(tea_cache=True), "TeaCache"),
+    (dict(shift=3.0), "a sampling shift"),
+    (dict(original_image_height=1024), "SDXL size conditioning"),
 ])
 def test_what_dts_util_cannot_do_is_refused_by_name(app, fields, words) -> None:
     error = _error(app.GenerateImage, pb.ImageGenerationRequest(
@@ -215,6 +230,18 @@ def test_hints_are_refused_and_bad_inputs_are_invalid_argument(app) -> None:
     unknown = _error(app.GenerateImage, pb.ImageGenerationRequest(configuration=configuration(
         model="wan_v2.1_14b_f16.ckpt", **CONFIG)), timeout=60)
     assert unknown.code() == grpc.StatusCode.NOT_FOUND and MODEL in unknown.details()
+
+
+def test_tensor_headers_that_overflow_or_streams_that_break_are_refused_and_the_server_serves_on(app) -> None:
+    import struct
+
+    config = configuration(model=MODEL, **{**CONFIG, "strength": 0.5})
+    wrapping = struct.pack("<5I12i", 0x217, 1, 2, 0x1000, 0, 65535, 641, 65537, 6700417, *([0] * 8)) + b"x" * 64
+    cut = image_tensor(_noise(), FPZIP)[:68 + 150]  # a valid fpzip header, then too little of the stream
+    for blob, words in ((wrapping, "send an image of [1, H, W, 3]"), (cut, "not a valid fpzip stream")):
+        error = _error(app.GenerateImage, pb.ImageGenerationRequest(configuration=config, image=blob), timeout=60)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.details()
+    assert app.Echo(pb.EchoRequest(name="still")).message == "HELLO still"
 
 
 def test_an_fpzip_stream_that_claims_more_values_than_its_header_is_refused(app) -> None:
@@ -266,6 +293,9 @@ def test_uploads_of_loadable_files_are_checked_and_stored(make_server) -> None:
         assert wrong.code() == grpc.StatusCode.DATA_LOSS
         gap = _error(_upload, app_stub, "uploads/gap.safetensors", data, offsets=[0, 1500, 2000])
         assert gap.code() == grpc.StatusCode.DATA_LOSS and "offset 1500" in gap.details()
+        assert _upload(app_stub, "uploads/extra.safetensors", data)[-1].receivedOffset == len(data)  # identical
+        replaced = _error(_upload, app_stub, "uploads/extra.safetensors", data[::-1])
+        assert replaced.code() == grpc.StatusCode.ALREADY_EXISTS
         own_format = _error(_upload, app_stub, "my_model_f16.ckpt", data)
         assert own_format.code() == grpc.StatusCode.FAILED_PRECONDITION and "own model format" in own_format.details()
     assert not any((server.service.store.root / "uploads").glob("bad*"))

@@ -61,7 +61,12 @@ class Advertiser:
         log.info("announced over mDNS as %r (%s)", instance_name(self.name, self.tls), SERVICE_TYPE)
 
     async def stop(self) -> None:
-        if self._zeroconf is not None:
+        """Withdraw the announcement (after a failed start too: then there is nothing to withdraw)."""
+        if self._zeroconf is None:
+            return
+        try:
             await self._zeroconf.async_unregister_service(self._info)
-            await self._zeroconf.async_close()
-            self._zeroconf = None
+        except Exception:  # noqa: BLE001 - never registered, or the network is gone: closing is what matters
+            log.debug("the mDNS announcement could not be withdrawn", exc_info=True)
+        await self._zeroconf.async_close()
+        self._zeroconf = None

@@ -52,6 +52,7 @@ class AppConfiguration:
     hires_fix_strength: float
     clip_skip: int
     mask_blur: float
+    preserve_original: bool  # inpainting: paste the input back over the kept pixels
     loras: tuple[AppLora, ...]
     unsupported: tuple[str, ...]  # what it asks for that dts-util cannot do, by name
 
@@ -134,7 +135,8 @@ def _read(data: bytes) -> AppConfiguration:
         hires_fix=bool(root.scalar(11, "bool", False)), hires_fix_width=root.scalar(12, "u16") * SIZE_UNIT,
         hires_fix_height=root.scalar(13, "u16") * SIZE_UNIT,
         hires_fix_strength=_finite(root.scalar(14, "f32", 0.7)), clip_skip=root.scalar(18, "u32", 1),
-        mask_blur=_finite(root.scalar(21, "f32", 0.0)), loras=loras, unsupported=tuple(unsupported),
+        mask_blur=_finite(root.scalar(21, "f32", 0.0)), preserve_original=bool(root.scalar(58, "bool", True)),
+        loras=loras, unsupported=tuple(unsupported),
     )
 
 
@@ -158,11 +160,30 @@ def _unsupported(root: _Table) -> list[str]:
     found += [feature for slot, feature in flags if root.scalar(slot, "bool", False)]
     if root.scalar(48, "f32", 0.0):
         found.append("sharpness")
+    if root.scalar(37, "bool", False):
+        found.append("a zeroed negative prompt")
+    if root.scalar(47, "i32", 0):
+        found.append("a mask blur outset")
+    if abs(root.scalar(49, "f32", 1.0) - 1.0) > 1e-6:
+        found.append("a sampling shift")
+    found += _size_conditioning(root)
     if root.scalar(84, "i8", 0):
         found.append("compression artifacts")
     if root.scalar(86, "i8", 0):
         found.append("color calibration")
     return found
+
+
+def _size_conditioning(root: _Table) -> list[str]:
+    """SDXL's size and crop conditioning: dts-util conditions on the image's own size with no crop, so other
+    values are refused rather than ignored."""
+    height, width = root.scalar(2, "u16") * SIZE_UNIT, root.scalar(1, "u16") * SIZE_UNIT
+    pairs = ((29, 30), (33, 34), (39, 40))  # original, target, negative original: (height, width)
+    if any(root.scalar(h, "u32") not in (0, height) or root.scalar(w, "u32") not in (0, width) for h, w in pairs):
+        return ["SDXL size conditioning other than the image's size"]
+    if root.scalar(31, "i32") or root.scalar(32, "i32"):
+        return ["SDXL crop conditioning"]
+    return []
 
 
 def denoising_steps(steps: int, strength: float) -> int:

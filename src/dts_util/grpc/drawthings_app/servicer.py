@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import socket
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -35,6 +36,8 @@ MODEL_VERSIONS = {"sd1": "v1", "sd2": "v2", "sdxl": "sdxl_base_v0.9"}
 # The app's files are its own format; dts-util loads these.
 UPLOADABLE_SUFFIXES = (".safetensors",)
 Signpost = pb.ImageGenerationSignpostProto
+# Requests decoding their tensors at once (each holds its images in memory before it is queued).
+_DECODING = threading.BoundedSemaphore(2)
 
 
 class AppServicer(pb_grpc.ImageGenerationServiceServicer):
@@ -127,7 +130,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
     async def GenerateImage(self, request: pb.ImageGenerationRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ImageGenerationResponse]:
         self._require_secret(request)
-        boundary, expected = await asyncio.to_thread(self._boundary_request, request)
+        boundary, expected = await asyncio.to_thread(self._decode_request, request)
         request_log().update(user=request.user[:80])
 
         def signpost(event: dict, preview: bytes | None) -> pb.ImageGenerationResponse | None:
@@ -151,6 +154,11 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
                     generatedImages=[blob[start:end]], scaleFactor=1,
                     chunkState=pb.LAST_CHUNK if end == len(blob) else pb.MORE_CHUNKS)
 
+    def _decode_request(self, request: pb.ImageGenerationRequest) -> tuple[GenerationRequest, list]:
+        """``_boundary_request``, a few at a time: each holds a decoded image before the queue is asked for room."""
+        with _DECODING:
+            return self._boundary_request(request)
+
     def _boundary_request(self, request: pb.ImageGenerationRequest) -> tuple[GenerationRequest, list]:
         """The app's request as the model layer's, and the signposts it will pass; refuses what cannot be done."""
         config = configuration.parse(request.configuration)
@@ -163,12 +171,15 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         strength = config.strength if image_png and config.strength > 0 else 1.0
         boundary = GenerationRequest(
             prompt=request.prompt, negative_prompt=request.negativePrompt, width=width, height=height,
-            steps=config.steps, cfg_scale=config.guidance_scale, seed=config.seed, sampler=config.sampler,
+            # The app's guidance 0 (or below) is no guidance; the model layer reads 0 as "the default".
+            steps=config.steps, cfg_scale=config.guidance_scale if config.guidance_scale > 0 else 1.0,
+            seed=config.seed, sampler=config.sampler,
             enable_hr=hires_scale > 1, hr_scale=hires_scale,
             denoising_strength=config.hires_fix_strength if hires_scale > 1 else strength,
             batch_size=config.batch_size, batch_count=config.batch_count, model=self.names.model(config.model),
             clip_skip=config.clip_skip, loras=tuple((self.names.lora(lora.file), lora.weight) for lora in config.loras),
-            init_image=image_png, mask=mask_png, mask_blur=round(config.mask_blur) if mask_png else 0)
+            init_image=image_png, mask=mask_png, mask_blur=round(config.mask_blur) if mask_png else 0,
+            skip_mask_overlay=not config.preserve_original)
         return boundary, _expected_signposts(boundary, bool(image_png))
 
     def _input_images(self, request: pb.ImageGenerationRequest) -> tuple[bytes, bytes]:
@@ -204,8 +215,8 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         init = first.initRequest
         request_log()["file"] = init.filename
         _check_uploadable(init)
-        # The app replaces a file whose hash it found different, as gRPCServerCLI lets it.
-        upload = await open_upload(self.generator.store, init.filename, True, init.totalSize)
+        # Never over a different file: identical bytes are an idempotent OK, anything else ALREADY_EXISTS.
+        upload = await open_upload(self.generator.store, init.filename, False, init.totalSize)
         try:
             yield pb.UploadResponse(chunkUploadSuccess=True, filename=init.filename, receivedOffset=0,
                                     message="upload started")
@@ -252,7 +263,7 @@ def _check_uploadable(init: pb.InitUploadRequest) -> None:
         raise InvalidRequest(f"the initRequest's sha256 has {len(init.sha256)} bytes; send the file's 32-byte SHA-256")
     if init.totalSize < 0:
         raise InvalidRequest(f"the initRequest's totalSize is {init.totalSize}; send the file's size in bytes")
-    if not init.filename.lower().endswith(UPLOADABLE_SUFFIXES):
+    if not init.filename.endswith(UPLOADABLE_SUFFIXES):
         raise FeatureUnavailable(
             f"{quote(init.filename)} is in the Draw Things app's own model format, which dts-util cannot load; "
             "put the original .safetensors checkpoint or LoRA in the server's model store instead (dts-util upload, "
@@ -297,7 +308,7 @@ def _expected_signposts(request: GenerationRequest, from_image: bool) -> list[Si
         expected.append(Signpost(imageEncoded=Signpost.ImageEncoded()))
     expected.append(Signpost(sampling=Signpost.Sampling(step=first)))
     if request.enable_hr:
-        second = configuration.denoising_steps(steps, request.denoising_strength)
+        second = configuration.denoising_steps(steps, request.denoising_strength or 0.7)
         expected += [Signpost(secondPassSampling=Signpost.SecondPassSampling(step=second)),
                      Signpost(secondPassImageDecoded=Signpost.SecondPassImageDecoded())]
     else:

@@ -5,14 +5,18 @@ parameters: memory type, format, data type, a reserved word and 12 dimensions) a
 the payload: raw little-endian values, an fpzip stream, or raw DEFLATE. Images are
 fp16 NHWC ``[1, H, W, 3]`` in [-1, 1]; masks are u8 ``[H, W]`` whose low 3 bits say
 what to do with each pixel. Everything here is bounded before it is allocated:
-the header's dimensions are checked against the pixel limit, and a payload must
-decode to exactly the size its header declares.
+the header's dimensions are checked against the pixel limits, a payload must
+decode to exactly the size its header declares, and fpzip streams (whose library
+trusts its input) are decoded in a child process with a memory limit.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -20,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from dts_util.errors import InvalidRequest
-from dts_util.limits import MAX_INPUT_IMAGE_PIXELS
+from dts_util.limits import MAX_INPUT_IMAGE_PIXELS, MAX_INPUT_IMAGE_SIDE
 
 HEADER = struct.Struct("<5I12i")  # identifier, type, format, datatype, reserved, dims[12]
 HEADER_BYTES = HEADER.size  # 68
@@ -49,12 +53,27 @@ def decode(blob: bytes, field: str) -> Tensor:
     dims = tuple(raw_dims[:raw_dims.index(0)] if 0 in raw_dims else raw_dims)
     if memory != CPU_MEMORY or datatype not in ELEMENT or not dims or min(dims) < 1:
         raise InvalidRequest(f"{field} is not a CPU tensor of fp16, fp32 or u8 values with positive dimensions")
-    count = int(np.prod(dims, dtype=np.int64))
-    if count > MAX_INPUT_IMAGE_PIXELS * 4:
-        raise InvalidRequest(f"{field} has {count} values; send at most {MAX_INPUT_IMAGE_PIXELS} pixels")
+    _check_image_dims(dims, field)
+    count = math.prod(dims)  # Python integers: no wrap-around, whatever the header says
     payload = memoryview(blob)[HEADER_BYTES:]
     values = _payload(identifier, payload, ELEMENT[datatype], count, field)
     return Tensor(dims, values.reshape(dims))
+
+
+def _check_image_dims(dims: tuple[int, ...], field: str) -> None:
+    """An image ([1, H, W, C] or [H, W, C]) or a mask ([H, W], [1, H, W, 1]) within the pixel limits, checked
+    before any payload is read."""
+    shape = tuple(d for d in dims if d != 1) if len(dims) == 4 and dims[0] == 1 and dims[-1] == 1 else dims
+    shape = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+    if len(shape) == 3 and shape[2] in (3, 4):
+        height, width = shape[:2]
+    elif len(shape) == 2:
+        height, width = shape
+    else:
+        raise InvalidRequest(f"{field} has dimensions {list(dims)}; send an image of [1, H, W, 3] or a mask of [H, W]")
+    if max(height, width) > MAX_INPUT_IMAGE_SIDE or height * width > MAX_INPUT_IMAGE_PIXELS:
+        raise InvalidRequest(f"{field} is {width}x{height}; send at most {MAX_INPUT_IMAGE_PIXELS // 10**6} megapixels "
+                             f"and {MAX_INPUT_IMAGE_SIDE} pixels a side")
 
 
 def _payload(identifier: int, payload: memoryview, element: np.dtype, count: int, field: str) -> np.ndarray:
@@ -64,6 +83,8 @@ def _payload(identifier: int, payload: memoryview, element: np.dtype, count: int
             raise InvalidRequest(f"{field} holds {len(payload)} bytes of data; its header says {expected}")
         return np.frombuffer(payload[:expected], dtype=element).astype(np.float32 if element.kind == "f" else np.uint8)
     if identifier == DEFLATE:
+        if expected <= 0:
+            raise InvalidRequest(f"{field} declares no data")
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
             data = inflater.decompress(payload, expected + 1)  # never more than the header promises
@@ -78,10 +99,11 @@ def _payload(identifier: int, payload: memoryview, element: np.dtype, count: int
 
 
 def _fpzip(payload: memoryview, count: int, field: str) -> np.ndarray:
-    """fpzip's stream, decoded only once its own header was read and found to hold exactly ``count`` values
-    (the library would allocate whatever that header claims)."""
-    import fpzip
+    """fpzip's stream, decoded in a child process once its own header was found to hold exactly ``count`` values.
 
+    The fpzip library reads past a truncated or corrupt stream (it is given no length) and can crash
+    the process reading it; a child process with a memory limit takes that crash instead of the server.
+    """
     try:
         claimed = fpzip_header_values(bytes(payload[:64]))
     except ValueError:
@@ -89,9 +111,27 @@ def _fpzip(payload: memoryview, count: int, field: str) -> np.ndarray:
     if claimed != count:
         raise InvalidRequest(f"{field}: its fpzip stream holds {claimed} values; the header says {count}")
     try:
-        return np.asarray(fpzip.decompress(bytes(payload), order="C"), dtype=np.float32).reshape(-1)
-    except Exception:  # noqa: BLE001 - the library raises its own error types for a corrupt stream
+        result = subprocess.run([sys.executable, "-c", _FPZIP_CHILD, str(count), str(FPZIP_CHILD_MEMORY_BYTES)],
+                                input=bytes(payload), capture_output=True, timeout=FPZIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise InvalidRequest(f"{field}: its fpzip stream did not decode within {FPZIP_TIMEOUT_S} s") from None
+    if result.returncode != 0 or len(result.stdout) != 4 * count:
         raise InvalidRequest(f"{field} is not a valid fpzip stream") from None
+    return np.frombuffer(result.stdout, dtype="<f4").copy()
+
+
+# The child: its own memory limit first (set there, not in a pre-exec hook, which is unsafe in a threaded
+# server), then fpzip and numpy only, the stream on stdin, float32 values on stdout.
+_FPZIP_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
+import fpzip
+import numpy
+values = numpy.asarray(fpzip.decompress(sys.stdin.buffer.read(), order="C"), dtype="<f4").reshape(-1)
+sys.exit(1) if values.size != int(sys.argv[1]) else sys.stdout.buffer.write(values.tobytes())
+"""
+FPZIP_TIMEOUT_S = 30
+FPZIP_CHILD_MEMORY_BYTES = 2 * 1024**3
 
 
 class _RangeDecoder:
@@ -139,7 +179,7 @@ def fpzip_header_values(stream: bytes) -> int:
     if bytes(decoder.bits(8) for _ in range(4)) != b"fpz\0":
         raise ValueError("not an fpzip stream")
     decoder.bits(16), decoder.bits(8), decoder.bits(1), decoder.bits(7)  # versions, type, precision
-    return int(np.prod([decoder.bits(32) for _ in range(4)], dtype=np.int64))
+    return math.prod(decoder.bits(32) for _ in range(4))
 
 
 def encode_image(image: Image.Image) -> bytes:
