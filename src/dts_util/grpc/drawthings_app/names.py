@@ -55,13 +55,29 @@ class AppNames:
 
     Args:
         store: the model store (``ModelStore``).
+        snapshot: read the store and the names file once, for every question asked of this object (one call's
+            many names); otherwise each question sees the store as it is now.
     """
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, snapshot: bool = False) -> None:
         self.store = store
+        self._memo: dict[str, object] | None = {} if snapshot else None
+
+    def _remembered(self, key: str, compute):
+        if self._memo is None:
+            return compute()
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def _model_names(self) -> list[str]:
+        return self._remembered("models", self.store.model_names)
 
     def user_mapping(self) -> dict[str, str]:
         """``drawthings-names.json``: app file name -> store path; absent is empty, malformed is an error."""
+        return self._remembered("mapping", self._read_mapping)
+
+    def _read_mapping(self) -> dict[str, str]:
         path = self.store.root / MAPPING_FILE
         if not path.is_file():
             return {}
@@ -81,10 +97,10 @@ class AppNames:
         """The names Echo lists, each with the store model it stands for (names two models share are left out,
         unless the mapping file names one)."""
         automatic: dict[str, list[str]] = {}
-        for name in self.store.model_names():
+        for name in self._model_names():
             automatic.setdefault(listed_name(name), []).append(name)
         listed = {app: names[0] for app, names in automatic.items() if len(names) == 1}
-        models = set(self.store.model_names())
+        models = set(self._model_names())
         listed.update({app: target for app, target in self.user_mapping().items() if target in models})
         return listed
 
@@ -96,7 +112,7 @@ class AppNames:
         mapped = self.user_mapping().get(app_file) or self.listed_models().get(app_file)
         if mapped:
             return mapped
-        matches = [name for name in self.store.model_names() if _key(name) == _key(app_file)]
+        matches = [name for name in self._model_names() if _key(name) == _key(app_file)]
         if len(matches) == 1:
             return matches[0]
         listed = ", ".join(sorted(self.listed_models())) or "none"

@@ -108,9 +108,9 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
                                         hashes=[f[1] for f in found])
 
     def _files(self, names: list[str], with_hash: set[str]) -> list[tuple[bool, bytes]]:
-        found = []
+        found, lookup = [], AppNames(self.generator.store, snapshot=True)  # the store read once per call
         for name in names:
-            path = self.names.path(name)
+            path = lookup.path(name)
             digest = b""
             if path is not None and path.is_file() and name in with_hash:
                 from dts_util.models.lora import file_sha256
