@@ -85,3 +85,42 @@ def test_an_inpainting_model_also_does_txt2img_and_img2img(inpainting_server) ->
     outside = np.ones((SIZE[1], SIZE[0]), dtype=bool)
     outside[10:50, 20:70] = False
     assert np.array_equal(kept[outside], np.asarray(INIT, dtype=np.int16)[outside])
+
+
+@pytest.fixture(scope="module")
+def sdxl_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl")
+    return build("sdxl", root / "tiny-sdxl"), build("sdxl", root / "tiny-sdxl-inpainting", inpainting=True)
+
+
+def _diffusers_sdxl(folder, kind: str, strength: float, **extra) -> np.ndarray:
+    import diffusers
+    import torch
+
+    from dts_util.models.loader import inspect_model
+    from dts_util.pipeline.samplers import find_sampler, make_scheduler
+
+    cls = {"img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[kind]
+    pipe = cls.from_pretrained(folder)
+    pipe.scheduler = make_scheduler(find_sampler("Euler"), inspect_model("m", folder).scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt=REQUEST["prompt"], negative_prompt=REQUEST["negative_prompt"], image=INIT, strength=strength,
+                 num_inference_steps=REQUEST["steps"], guidance_scale=7.0,
+                 generator=[torch.Generator("cpu").manual_seed(REQUEST["seed"])], **extra).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_sdxl_img2img_and_inpainting_match_diffusers(make_server, sdxl_folders) -> None:
+    server = make_server(own_store=True, max_loaded_models=3)
+    root = server.service.store.root
+    for folder in sdxl_folders:
+        shutil.copytree(folder, root / folder.name)
+    with server.client(timeout=300) as client:
+        img2img = client.generate(model="tiny-sdxl", **REQUEST, denoising_strength=0.6, init_image=_png(INIT))
+        inpainted = client.generate(model="tiny-sdxl-inpainting", **REQUEST, denoising_strength=0.6,
+                                    init_image=_png(INIT), mask=_png(MASK), skip_mask_overlay=True)
+    expected = _diffusers_sdxl(sdxl_folders[0], "img2img", 0.6)
+    assert np.abs(_pixels(img2img.images[0]) - expected).max() <= ROUNDING
+    expected = _diffusers_sdxl(sdxl_folders[1], "inpaint", 0.6, mask_image=MASK, width=SIZE[0], height=SIZE[1])
+    assert np.abs(_pixels(inpainted.images[0]) - expected).max() <= ROUNDING
