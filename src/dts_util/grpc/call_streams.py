@@ -11,6 +11,7 @@ import grpc
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator
 from dts_util.errors import CallCancelled, UploadStalled
+from dts_util.grpc.interceptors import request_log
 
 T = TypeVar("T")
 
@@ -126,3 +127,10 @@ async def open_upload(store: Any, name: str, overwrite: bool, declared_size: int
         if not opening.cancelled() and opening.exception() is None:
             opening.result().abort()
         raise
+
+
+def uploaded(generator: ImageGenerator, upload: Any) -> None:
+    """After a published upload: models loaded from a replaced file are dropped, and the log line says what came."""
+    if not upload.unchanged:
+        generator.files_changed(upload.target)
+    request_log().update(bytes=upload.size, unchanged=upload.unchanged)

@@ -31,7 +31,7 @@ from dts_util.errors import GenerationCancelled
 from dts_util.models.loader import LoadedModel
 from dts_util.pipeline.components import Component, ComponentProvider, describe_backend
 from dts_util.pipeline.images import InputImages
-from dts_util.pipeline.params import ResolvedRequest
+from dts_util.pipeline.params import ResolvedRequest, img2img_start_step
 from dts_util.pipeline.prompts import TokenChunks, pad_to_chunks, tokenize_chunks
 from dts_util.pipeline.samplers import make_scheduler, step_accepts_generator
 
@@ -415,13 +415,6 @@ def paste_kept_pixels(init: InputImages, image: Image.Image) -> Image.Image:
     from diffusers.image_processor import VaeImageProcessor
 
     return VaeImageProcessor().apply_overlay(init.mask, init.image, image)
-
-
-def img2img_start_step(steps: int, strength: float) -> int:
-    """The first step an img2img pass runs, as diffusers' ``get_timesteps`` computes it (the pass runs
-    ``int(steps * strength)`` steps), but always at least one step."""
-    denoised_steps = min(int(steps * strength), steps)
-    return min(steps - denoised_steps, steps - 1)
 
 
 class _Timer:

@@ -117,6 +117,19 @@ def _in_range(name: str, value: int, low: int, high: int, hint: str = "") -> Non
         raise InvalidRequest(f"{name} is {value}; it must be in {low}..{high}{hint}")
 
 
+def img2img_start_step(steps: int, strength: float) -> int:
+    """The first step an img2img pass runs, as diffusers' ``get_timesteps`` computes it (the pass runs
+    ``int(steps * strength)`` steps), but always at least one step."""
+    denoised_steps = min(int(steps * strength), steps)
+    return min(steps - denoised_steps, steps - 1)
+
+
+def client_strength(value: float) -> float:
+    """A strength as the client meant it: clients send float32, so 0.7 arrives as 0.69999998, which would make
+    int(10 x strength) 6 steps, not 7."""
+    return round(value, 6)
+
+
 def check_text_fields(req: GenerationRequest) -> None:
     """Bound every string of the request before anything uses, logs or echoes it."""
     limits = (("prompt", MAX_PROMPT_CHARS), ("negative_prompt", MAX_PROMPT_CHARS),
@@ -194,8 +207,7 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
     if req.seed < -1 or req.seed > MAX_SEED:
         raise InvalidRequest(f"seed is {req.seed}; send -1 for a random seed or a value in 0..{MAX_SEED}")
     seed = random.randint(0, 2**32 - 1) if req.seed == -1 else req.seed
-    # Clients send float32: 0.7 arrives as 0.69999998, which would make int(10 x strength) 6 steps, not 7.
-    strength = round(_finite("denoising_strength", req.denoising_strength), 6) or DEFAULT_STRENGTH
+    strength = client_strength(_finite("denoising_strength", req.denoising_strength)) or DEFAULT_STRENGTH
     if not 0 < strength <= 1:
         raise InvalidRequest(f"denoising_strength is {strength}; it must be in (0, 1] (or 0 for 0.7)")
     hr_scale = _finite("hr_scale", req.hr_scale) or DEFAULT_HR_SCALE

@@ -18,7 +18,7 @@ from dts_util.client_text import quote
 from dts_util.errors import DtsError, InvalidRequest
 from dts_util.boundary import GenerationOutput, ImageGenerator
 from dts_util.grpc.call_streams import (CallWatch, UploadMessages, confirm_client_finished, generation_stream,
-                                        in_thread, open_upload)
+                                        in_thread, open_upload, uploaded)
 from dts_util.grpc.drawthings import convert
 from dts_util.grpc.interceptors import request_log
 from dts_util.grpc.proto import image_generation_pb2 as pb
@@ -100,9 +100,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         except BaseException:
             upload.abort()
             raise
-        if not upload.unchanged:
-            self.generator.files_changed(upload.target)
-        request_log().update(bytes=upload.size, unchanged=upload.unchanged)
+        uploaded(self.generator, upload)
         return convert.upload_response(quote(first.filename), upload.size, digest, upload.unchanged)
 
     async def _receive(self, upload: Upload, first: pb.UploadFileRequest, messages: UploadMessages,

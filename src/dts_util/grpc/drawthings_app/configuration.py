@@ -184,8 +184,3 @@ def _size_conditioning(root: _Table) -> list[str]:
     if root.scalar(31, "i32") or root.scalar(32, "i32"):
         return ["SDXL crop conditioning"]
     return []
-
-
-def denoising_steps(steps: int, strength: float) -> int:
-    """Sampling steps an image-to-image pass runs, as the pipeline counts them (diffusers', at least one)."""
-    return max(1, min(int(steps * strength), steps))

@@ -22,7 +22,7 @@ import grpc
 from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator
 from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest, Unauthenticated, UploadCorrupt
-from dts_util.grpc.call_streams import CallWatch, UploadMessages, generation_stream, in_thread, open_upload
+from dts_util.grpc.call_streams import CallWatch, UploadMessages, generation_stream, in_thread, open_upload, uploaded
 from dts_util.grpc.drawthings_app import configuration
 from dts_util.grpc.drawthings_app.names import AppNames
 from dts_util.grpc.interceptors import request_log
@@ -243,9 +243,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         except BaseException:
             upload.abort()
             raise
-        if not upload.unchanged:
-            self.generator.files_changed(upload.target)
-        request_log().update(bytes=upload.size, unchanged=upload.unchanged)
+        uploaded(self.generator, upload)
 
 
 def _result_tensors(pngs: list[bytes]) -> list[bytes]:
@@ -301,14 +299,20 @@ def _signpost(event: dict) -> Signpost | None:
 
 def _expected_signposts(request: GenerationRequest, from_image: bool) -> list[Signpost]:
     """Every signpost the generation will pass; the app sizes its progress bar by the sampling one."""
-    steps = request.steps or 20
-    first = configuration.denoising_steps(steps, request.denoising_strength) if from_image else steps
+    from dts_util.pipeline.params import DEFAULT_STEPS, DEFAULT_STRENGTH, client_strength, img2img_start_step
+
+    steps = request.steps or DEFAULT_STEPS
+
+    def denoising_steps(strength: float) -> int:
+        return steps - img2img_start_step(steps, client_strength(strength) or DEFAULT_STRENGTH)
+
+    first = denoising_steps(request.denoising_strength) if from_image else steps
     expected = [Signpost(textEncoded=Signpost.TextEncoded())]
     if from_image:
         expected.append(Signpost(imageEncoded=Signpost.ImageEncoded()))
     expected.append(Signpost(sampling=Signpost.Sampling(step=first)))
     if request.enable_hr:
-        second = configuration.denoising_steps(steps, request.denoising_strength or 0.7)
+        second = denoising_steps(request.denoising_strength)
         expected += [Signpost(secondPassSampling=Signpost.SecondPassSampling(step=second)),
                      Signpost(secondPassImageDecoded=Signpost.SecondPassImageDecoded())]
     else:
