@@ -67,6 +67,21 @@ class GenerationRequest:
     mask: bytes = b""
     mask_blur: int = 0
     skip_mask_overlay: bool = False
+    seed_mode: str = ""
+    zero_negative_prompt: bool = False
+    # SDXL micro-conditioning in pixels (0 = the generation's size, no crop); negative_* default to these.
+    original_width: int = 0
+    original_height: int = 0
+    crop_top: int = 0
+    crop_left: int = 0
+    target_width: int = 0
+    target_height: int = 0
+    negative_original_width: int = 0
+    negative_original_height: int = 0
+    negative_crop_top: int = 0
+    negative_crop_left: int = 0
+    negative_target_width: int = 0
+    negative_target_height: int = 0
 
 
 @dataclass(frozen=True)

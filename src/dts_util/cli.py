@@ -398,6 +398,21 @@ def upload(
     out.print(reply.message)
 
 
+@app.command()
+def samplers() -> None:
+    """List the sampler names requests may send (A1111 and Draw Things spellings) and what each runs."""
+    from rich.table import Table
+
+    from dts_util.pipeline.samplers import SAMPLERS
+
+    table = Table("sampler", "Draw Things app", "aliases", "diffusers scheduler", "schedule")
+    for sampler in SAMPLERS:
+        overrides = ", ".join(f"{key}={value}" for key, value in sampler.config.items())
+        table.add_row(sampler.name, sampler.app_name or "-", ", ".join(sampler.aliases) or "-", sampler.scheduler,
+                      sampler.schedule or overrides or "the model's spacing")
+    _print_table(table)
+
+
 @app.command("files-exist")
 def files_exist(
     names: Annotated[list[str], typer.Argument(help="Paths relative to the model store.")],

@@ -113,6 +113,17 @@ def encode_images(req: ResolvedRequest, result: GenerationResult,
 
 
 
+def _seed_mode_note(mode: str) -> dict[str, str]:
+    """A mode without a public definition is generated with the nearest one; info says which."""
+    from dts_util.pipeline.noise import effective_seed_mode
+
+    used = effective_seed_mode(mode)
+    if used == mode:
+        return {}
+    return {"seed_mode_used": used, "seed_mode_note": f"{mode} noise has no public definition; the noise was "
+                                                      f"drawn as {used}"}
+
+
 def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint: str = "",
               model_details: dict | None = None) -> str:
     """Every effective parameter of the request, plus which backend ran what and how long it took.
@@ -137,6 +148,8 @@ def info_json(req: ResolvedRequest, result: GenerationResult, model_fingerprint:
         "scheduler": req.sampler.scheduler,
         "seed": req.seed,
         "seeds": result.seeds,
+        "seed_mode": req.seed_mode,
+        **_seed_mode_note(req.seed_mode),
         "batch_size": req.batch_size,
         "batch_count": req.batch_count,
         "enable_hr": req.enable_hr,

@@ -31,9 +31,10 @@ from dts_util.errors import GenerationCancelled
 from dts_util.models.loader import LoadedModel
 from dts_util.pipeline.components import Component, ComponentProvider, describe_backend
 from dts_util.pipeline.images import InputImages
+from dts_util.pipeline.noise import initial_noise
 from dts_util.pipeline.params import ResolvedRequest, img2img_start_step
 from dts_util.pipeline.prompts import TokenChunks, pad_to_chunks, tokenize_chunks
-from dts_util.pipeline.samplers import make_scheduler, step_accepts_generator
+from dts_util.pipeline.samplers import make_scheduler, set_schedule, step_accepts_generator
 
 
 class EventLog:
@@ -157,6 +158,7 @@ class GenerationPipeline:
     def _one_pass(self, req: ResolvedRequest, embeddings: PromptEmbeddings, image: EncodedImage | None,
                   seeds: list[int], events: EventLog, timer: "_Timer", result: GenerationResult) -> list[Image.Image]:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        self.seeds, self.seed_mode = seeds, req.seed_mode  # how _start draws each image's noise
         backends = result.backends
         # 4. First pass at width x height: from noise, or from the input image at denoising_strength.
         strength = req.denoising_strength if image is not None else 1.0
@@ -224,6 +226,10 @@ class GenerationPipeline:
         dropped = max(t.dropped for t in per_encoder[0])
         if dropped:
             counts["not_read"] = dropped  # past MAX_CHUNKS chunks
+        if req.use_cfg and req.zero_negative_prompt and not req.negative_prompt.strip():
+            # diffusers' force_zeros_for_empty_prompt: an empty negative prompt conditions on zeros
+            hidden[0] = torch.zeros_like(hidden[0])
+            pooled[0] = None if pooled[0] is None else torch.zeros_like(pooled[0])
         hidden_states = torch.cat([h.repeat(req.batch_size, 1, 1) for h in hidden])
         text_embeds = None
         if self.model.info.family == "sdxl":
@@ -253,10 +259,11 @@ class GenerationPipeline:
         hidden = torch.cat(widths, dim=-1)  # (chunks, 77, width)
         return hidden.reshape(1, -1, hidden.shape[-1]).to(self.dtype), pooled
 
-    def _time_ids(self, width: int, height: int, batch: int) -> torch.Tensor:
-        # (original size, crop top-left, target size): no crop, trained-size conditioning.
-        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
-        return ids.repeat(batch, 1)
+    def _time_ids(self, req: ResolvedRequest, width: int, height: int) -> torch.Tensor:
+        """SDXL's (original size, crop top-left, target size) per image, negative branch first with CFG."""
+        branches = [req.negative_size_conditioning, req.size_conditioning] if req.use_cfg else [req.size_conditioning]
+        ids = torch.tensor([b.time_ids(width, height) for b in branches], dtype=self.dtype, device=self.device)
+        return ids.repeat_interleave(req.batch_size, dim=0)
 
     def sample(self, req: ResolvedRequest, embeddings: PromptEmbeddings, generators: list[torch.Generator],
                width: int, height: int, strength: float, *, events: EventLog, event: str,
@@ -264,7 +271,7 @@ class GenerationPipeline:
                image: EncodedImage | None = None, result: GenerationResult | None = None) -> torch.Tensor:
         """Run the sampler for ``steps`` (x ``strength`` when starting from ``initial`` latents or an input image)."""
         scheduler = make_scheduler(req.sampler, self.model.info.scheduler_config)
-        scheduler.set_timesteps(req.steps, device=self.device)
+        set_schedule(scheduler, req.sampler, req.steps, self.model.info.family, self.device)
         start = self._start(scheduler, req.steps, strength, generators, width, height, initial, image, backends)
         if result is not None:
             result.denoising_steps = start.denoising_steps
@@ -275,7 +282,7 @@ class GenerationPipeline:
         unet = self.components.unet(Shape(latents.shape[2], latents.shape[3], latents.shape[0] * cfg_batch,
                                           text_length))
         backends[backend_key] = describe_backend(unet)
-        extra = self._unet_extras(embeddings, width, height)
+        extra = self._unet_extras(req, embeddings, width, height)
         condition = start.unet_condition
         if condition is not None and req.use_cfg:
             condition = torch.cat([condition] * 2)
@@ -310,7 +317,8 @@ class GenerationPipeline:
         if image is not None and (from_image or (inpaint and not self.model.info.inpainting)):
             image_latents = self._sample_latents(image.moments, generators)
         shape = (len(generators), self.model.info.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(self.device, self.dtype)
+        noise = torch.cat([initial_noise(self.seed_mode, seed, shape[1:], g)
+                           for seed, g in zip(self.seeds, generators)]).to(self.device, self.dtype)
         source = initial if initial is not None else image_latents
         latents = scheduler.add_noise(source, noise, timesteps[:1]) if from_image else noise * scheduler.init_noise_sigma
         start = StartState(latents, timesteps, noise, steps - begin)
@@ -344,11 +352,11 @@ class GenerationPipeline:
             mask = torch.ones((batch, 1, *masked.shape[2:]), device=self.device, dtype=self.dtype)
         return torch.cat([mask, masked], dim=1)
 
-    def _unet_extras(self, embeddings: PromptEmbeddings, width: int, height: int) -> dict[str, torch.Tensor]:
+    def _unet_extras(self, req: ResolvedRequest, embeddings: PromptEmbeddings, width: int,
+                     height: int) -> dict[str, torch.Tensor]:
         if embeddings.text_embeds is None:
             return {}
-        batch = embeddings.hidden_states.shape[0]
-        return {"text_embeds": embeddings.text_embeds, "time_ids": self._time_ids(width, height, batch)}
+        return {"text_embeds": embeddings.text_embeds, "time_ids": self._time_ids(req, width, height)}
 
     def _step(self, unet: Component, scheduler: Any, latents: torch.Tensor, t: torch.Tensor,
               embeddings: PromptEmbeddings, extra: dict, req: ResolvedRequest, step_kwargs: dict,

@@ -49,6 +49,9 @@ def decode_image(data: bytes, field: str, max_bytes: int) -> Image.Image:
     if len(data) > max_bytes:
         raise InvalidRequest(f"{field} has {len(data)} bytes; send at most {max_bytes} (a smaller image, or "
                              "JPEG/WebP instead of PNG)")
+    header_size = _header_size(data)
+    if header_size is not None:
+        _check_pixels(field, header_size)  # before Pillow's own (looser) bomb check can fire with its message
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -61,6 +64,24 @@ def decode_image(data: bytes, field: str, max_bytes: int) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - any failure to decode client bytes is the client's bad image
         raise InvalidRequest(f"{field} could not be decoded as {', '.join(ACCEPTED_FORMATS)} "
                              f"({type(exc).__name__}); send a complete image file in one of those formats") from None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The (width, height) an accepted format's header declares, read without decoding a pixel and without
+    Pillow's decompression-bomb check (``Image.open`` runs it, and its message names neither our limit nor the
+    size); None when no accepted format reads the header."""
+    Image.init()
+    prefix = data[:16]
+    for name in ACCEPTED_FORMATS:
+        factory, accept = Image.OPEN[name]
+        if accept is not None and not accept(prefix):
+            continue
+        try:
+            with factory(io.BytesIO(data)) as header:
+                return header.size
+        except Exception:  # noqa: BLE001 - not this format, or a broken header: Image.open reports it
+            continue
+    return None
 
 
 def _check_pixels(field: str, size: tuple[int, int]) -> None:

@@ -16,6 +16,7 @@ from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest
 from dts_util.limits import MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_SAMPLER_CHARS
 from dts_util.pipeline.images import InputImages, default_size, fit_input_images, read_input_images, sha256_hex
+from dts_util.pipeline.noise import find_seed_mode
 from dts_util.pipeline.prompts import extract_lora_tags
 from dts_util.pipeline.samplers import Sampler, find_sampler
 
@@ -45,6 +46,24 @@ class LoraRequest:
     from_prompt: bool = False
 
 
+MAX_CONDITIONING_SIZE = 8192  # SDXL size conditioning, pixels
+
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL micro-conditioning of one guidance branch, in pixels; 0 = the pass's own size (or no crop)."""
+
+    original: tuple[int, int] = (0, 0)  # (height, width)
+    crop: tuple[int, int] = (0, 0)  # (top, left)
+    target: tuple[int, int] = (0, 0)  # (height, width)
+
+    def time_ids(self, width: int, height: int) -> list[int]:
+        """diffusers' ``add_time_ids``: original size, crop top-left, target size, with 0s filled in."""
+        original = self.original if all(self.original) else (height, width)
+        target = self.target if all(self.target) else (height, width)
+        return [*original, *self.crop, *target]
+
+
 @dataclass(frozen=True)
 class ResolvedRequest:
     """Every effective parameter of one generation, after defaults and checks."""
@@ -72,6 +91,10 @@ class ResolvedRequest:
     # img2img / inpainting: the input image (and mask) at width x height; None for txt2img.
     init: InputImages | None = None
     skip_mask_overlay: bool = False
+    seed_mode: str = "torch_cpu"
+    zero_negative_prompt: bool = False
+    size_conditioning: SizeConditioning = SizeConditioning()
+    negative_size_conditioning: SizeConditioning = SizeConditioning()
 
     @property
     def mode(self) -> str:
@@ -185,6 +208,25 @@ def _sizes(req: GenerationRequest, native_size: int) -> tuple[int, int, tuple | 
     return req.width or implied_width, req.height or implied_height, (image, mask)
 
 
+def _size_conditioning(req: GenerationRequest) -> tuple[SizeConditioning, SizeConditioning]:
+    """SDXL's positive and negative size conditioning; each negative value defaults to the positive one."""
+    names = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height")
+    for name in names:
+        for field in (name, f"negative_{name}"):
+            _in_range(field, getattr(req, field), 0, MAX_CONDITIONING_SIZE, " pixels (0 = the image's size, no crop)")
+    positive = SizeConditioning((req.original_height, req.original_width), (req.crop_top, req.crop_left),
+                                (req.target_height, req.target_width))
+
+    def negative(name: str, fallback: int) -> int:
+        return getattr(req, f"negative_{name}") or fallback
+
+    negative_sizes = SizeConditioning(
+        (negative("original_height", req.original_height), negative("original_width", req.original_width)),
+        (negative("crop_top", req.crop_top), negative("crop_left", req.crop_left)),
+        (negative("target_height", req.target_height), negative("target_width", req.target_width)))
+    return positive, negative_sizes
+
+
 def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedRequest:
     """Check ``req`` and fill its defaults for a model of ``native_size`` pixels (or, with an input image,
     of that image's size)."""
@@ -225,6 +267,8 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
         raise InvalidRequest(f"output_format {quote(req.output_format, 20)} is not png, webp or jpeg")
     _in_range("quality", req.quality, 0, 100, " (0 = 90)")
     prompt, loras = _loras(req)
+    seed_mode = find_seed_mode(req.seed_mode)
+    size_conditioning, negative_size_conditioning = _size_conditioning(req)
     init = None
     if decoded is not None:
         init = fit_input_images(*decoded, width, height, req.mask_blur, sha256_hex(req.init_image))
@@ -234,5 +278,7 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
         batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
         hr_scale=hr_scale, denoising_strength=strength, clip_skip=max(1, req.clip_skip), loras=loras,
         preview_every=req.preview_every, output_format=output_format, quality=req.quality or 90,
-        init=init, skip_mask_overlay=req.skip_mask_overlay,
+        init=init, skip_mask_overlay=req.skip_mask_overlay, seed_mode=seed_mode,
+        zero_negative_prompt=req.zero_negative_prompt, size_conditioning=size_conditioning,
+        negative_size_conditioning=negative_size_conditioning,
     )

@@ -13,19 +13,11 @@ import math
 from dataclasses import dataclass
 
 from dts_util.errors import FeatureUnavailable, InvalidRequest
+from dts_util.pipeline.samplers import APP_SAMPLERS, app_sampler
 
 MAX_CONFIGURATION_BYTES = 64 * 1024
 MAX_CONFIGURATION_LORAS = 8
 SIZE_UNIT = 64
-# The app's SamplerType, by value, to the sampler names dts-util knows ("" = not available here).
-SAMPLERS = ("DPM++ 2M Karras", "Euler a", "DDIM", "PLMS", "DPM++ SDE Karras", "UniPC", "LCM", "", "", "TCD",
-            "Euler A Trailing", "DPM++ SDE Trailing", "", "", "", "DPM++ 2M Trailing", "DDIM Trailing",
-            "UniPC Trailing", "", "")
-SAMPLER_NAMES = ("DPMPP2MKarras", "EulerA", "DDIM", "PLMS", "DPMPPSDEKarras", "UniPC", "LCM", "EulerASubstep",
-                 "DPMPPSDESubstep", "TCD", "EulerATrailing", "DPMPPSDETrailing", "DPMPP2MAYS", "EulerAAYS",
-                 "DPMPPSDEAYS", "DPMPP2MTrailing", "DDIMTrailing", "UniPCTrailing", "UniPCAYS", "TCDTrailing")
-
-
 @dataclass(frozen=True)
 class AppLora:
     file: str
@@ -55,6 +47,14 @@ class AppConfiguration:
     preserve_original: bool  # inpainting: paste the input back over the kept pixels
     loras: tuple[AppLora, ...]
     unsupported: tuple[str, ...]  # what it asks for that dts-util cannot do, by name
+    seed_mode: str = "torch_cpu"
+    zero_negative_prompt: bool = False
+    # SDXL conditioning in pixels, 0 = the image's size: original and target (height, width), crop (top, left)
+    original_size: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] = (0, 0)
+    crop: tuple[int, int] = (0, 0)
+    negative_original_size: tuple[int, int] = (0, 0)
+    ignored: tuple[str, ...] = ()  # what it asks for that needs a model this server does not have: skipped
 
 
 class _Table:
@@ -120,24 +120,44 @@ def parse(data: bytes) -> AppConfiguration:
 def _read(data: bytes) -> AppConfiguration:
     root = _Table.root(data)
     sampler_value = root.scalar(8, "i8", 0)
-    sampler = SAMPLERS[sampler_value] if 0 <= sampler_value < len(SAMPLERS) else ""
+    sampler = app_sampler(sampler_value)
+    if sampler is None:
+        raise InvalidRequest(f"the configuration's sampler is {sampler_value}, which is not one of the app's "
+                             f"samplers (0..{len(APP_SAMPLERS) - 1}); pick a sampler in the app")
     unsupported = _unsupported(root)
-    if not sampler:
-        name = SAMPLER_NAMES[sampler_value] if 0 <= sampler_value < len(SAMPLER_NAMES) else f"#{sampler_value}"
-        unsupported.append(f"the {name} sampler")
     loras = tuple(AppLora(t.string(0), float(t.scalar(1, "f32", 0.6)))
                   for t in root.tables(20, MAX_CONFIGURATION_LORAS))
     return AppConfiguration(
         width=root.scalar(1, "u16") * SIZE_UNIT, height=root.scalar(2, "u16") * SIZE_UNIT,
         seed=root.scalar(3, "u32"), steps=root.scalar(4, "u32"), guidance_scale=_finite(root.scalar(5, "f32")),
-        strength=_finite(root.scalar(6, "f32")), model=root.string(7), sampler=sampler,
+        strength=_finite(root.scalar(6, "f32")), model=root.string(7), sampler=sampler.name,
         batch_count=root.scalar(9, "u32", 1), batch_size=root.scalar(10, "u32", 1),
         hires_fix=bool(root.scalar(11, "bool", False)), hires_fix_width=root.scalar(12, "u16") * SIZE_UNIT,
         hires_fix_height=root.scalar(13, "u16") * SIZE_UNIT,
         hires_fix_strength=_finite(root.scalar(14, "f32", 0.7)), clip_skip=root.scalar(18, "u32", 1),
         mask_blur=_finite(root.scalar(21, "f32", 0.0)), preserve_original=bool(root.scalar(58, "bool", True)),
-        loras=loras, unsupported=tuple(unsupported),
+        loras=loras, unsupported=tuple(unsupported), seed_mode=_seed_mode(root.scalar(17, "i8", 0)),
+        zero_negative_prompt=bool(root.scalar(37, "bool", False)),
+        original_size=(root.scalar(29, "u32"), root.scalar(30, "u32")),
+        target_size=(root.scalar(33, "u32"), root.scalar(34, "u32")),
+        crop=(root.scalar(31, "i32"), root.scalar(32, "i32")),
+        negative_original_size=(root.scalar(39, "u32"), root.scalar(40, "u32")), ignored=tuple(_ignored(root)),
     )
+
+
+def _seed_mode(value: int) -> str:
+    """The app's SeedMode value as dts-util's seed mode; a value from a newer app is generated as ScaleAlike, the
+    app's own fallback for a mode it does not know (never refused)."""
+    from dts_util.pipeline.noise import SEED_MODES
+
+    return SEED_MODES[value] if 0 <= value < len(SEED_MODES) else "scale_alike"
+
+
+def _ignored(root: _Table) -> list[str]:
+    """Post-processing that needs a model this server does not have; gRPCServerCLI skips these too when the model
+    is missing, and so does dts-util (the request log names them)."""
+    return [f"{feature} ({root.string(slot)[:80]})" for slot, feature in ((15, "an upscaler"), (22, "face restoration"))
+            if root.string(slot)]
 
 
 def _finite(value: float) -> float:
@@ -148,10 +168,7 @@ def _finite(value: float) -> float:
 
 def _unsupported(root: _Table) -> list[str]:
     """What the configuration asks for that dts-util cannot do yet, by the name the app shows."""
-    found = []
-    for slot, feature in ((15, "an upscaler"), (22, "face restoration"), (28, "a refiner model")):
-        if root.string(slot):
-            found.append(f"{feature} ({root.string(slot)[:80]})")
+    found = [f"a refiner model ({root.string(28)[:80]})"] if root.string(28) else []
     if root.tables(19, 64):
         found.append("ControlNet / control inputs")
     flags = ((59, "tiled diffusion"), (75, "TeaCache"), (65, "a separate CLIP-L prompt"),
@@ -160,27 +177,12 @@ def _unsupported(root: _Table) -> list[str]:
     found += [feature for slot, feature in flags if root.scalar(slot, "bool", False)]
     if root.scalar(48, "f32", 0.0):
         found.append("sharpness")
-    if root.scalar(37, "bool", False):
-        found.append("a zeroed negative prompt")
     if root.scalar(47, "i32", 0):
         found.append("a mask blur outset")
     if abs(root.scalar(49, "f32", 1.0) - 1.0) > 1e-6:
         found.append("a sampling shift")
-    found += _size_conditioning(root)
     if root.scalar(84, "i8", 0):
         found.append("compression artifacts")
     if root.scalar(86, "i8", 0):
         found.append("color calibration")
     return found
-
-
-def _size_conditioning(root: _Table) -> list[str]:
-    """SDXL's size and crop conditioning: dts-util conditions on the image's own size with no crop, so other
-    values are refused rather than ignored."""
-    height, width = root.scalar(2, "u16") * SIZE_UNIT, root.scalar(1, "u16") * SIZE_UNIT
-    pairs = ((29, 30), (33, 34), (39, 40))  # original, target, negative original: (height, width)
-    if any(root.scalar(h, "u32") not in (0, height) or root.scalar(w, "u32") not in (0, width) for h, w in pairs):
-        return ["SDXL size conditioning other than the image's size"]
-    if root.scalar(31, "i32") or root.scalar(32, "i32"):
-        return ["SDXL crop conditioning"]
-    return []

@@ -179,7 +179,10 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
             batch_size=config.batch_size, batch_count=config.batch_count, model=self.names.model(config.model),
             clip_skip=config.clip_skip, loras=tuple((self.names.lora(lora.file), lora.weight) for lora in config.loras),
             init_image=image_png, mask=mask_png, mask_blur=round(config.mask_blur) if mask_png else 0,
-            skip_mask_overlay=not config.preserve_original)
+            skip_mask_overlay=not config.preserve_original, seed_mode=config.seed_mode,
+            zero_negative_prompt=config.zero_negative_prompt, **_size_conditioning(config))
+        if config.ignored:
+            request_log()["ignored"] = ", ".join(config.ignored)
         return boundary, _expected_signposts(boundary, bool(image_png))
 
     def _input_images(self, request: pb.ImageGenerationRequest) -> tuple[bytes, bytes]:
@@ -285,6 +288,16 @@ def _sizes(config: configuration.AppConfiguration) -> tuple[int, int, float]:
         raise InvalidRequest(f"the high-res fix goes from {config.hires_fix_width}x{config.hires_fix_height} to "
                              f"{config.width}x{config.height}; dts-util scales width and height by one factor")
     return config.hires_fix_width, config.hires_fix_height, scale
+
+
+def _size_conditioning(config: configuration.AppConfiguration) -> dict[str, int]:
+    """SDXL conditioning as the boundary request's fields. The app's 0 means the image's size, and its negative
+    original size falls back to the original size: the boundary's defaults say the same."""
+    (original_height, original_width), (target_height, target_width) = config.original_size, config.target_size
+    negative_height, negative_width = config.negative_original_size
+    return dict(original_width=original_width, original_height=original_height, crop_top=config.crop[0],
+                crop_left=config.crop[1], target_width=target_width, target_height=target_height,
+                negative_original_width=negative_width, negative_original_height=negative_height)
 
 
 def _signpost(event: dict) -> Signpost | None:

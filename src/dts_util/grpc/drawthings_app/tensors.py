@@ -33,8 +33,9 @@ CPU_MEMORY = 1
 NCHW, NHWC = 1, 2
 UINT8, FLOAT16, FLOAT32 = 0x1000, 0x20000, 0x4000
 ELEMENT = {UINT8: np.dtype("u1"), FLOAT16: np.dtype("<f2"), FLOAT32: np.dtype("<f4")}
-# A mask pixel's low 3 bits: 0 keep, 1 fill from noise, 2 repaint, 3 always keep.
-MASK_REPAINT = (1, 2)
+# A mask pixel's low 3 bits (the high 5 are an alpha level): 0 keep, 1 fill from noise, 2 repaint, 3 always keep,
+# 4 "the same as 2" (the app's own words); 5..7 fall to the app's catch-all, which treats them as 0.
+MASK_REPAINT = (1, 2, 4)
 
 
 @dataclass(frozen=True)
