@@ -20,12 +20,11 @@ import math
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from dts_util.client_text import quote
 from dts_util.errors import InvalidRequest
 
-if TYPE_CHECKING:  # torch is loaded with the model; request checks (find_seed_mode) run without it
+if TYPE_CHECKING:  # numpy and torch load with the model; request checks (find_seed_mode) run without them
+    import numpy as np
     import torch
 
 # The app's SeedMode values, in its order.
@@ -62,6 +61,7 @@ def initial_noise(mode: str, seed: int, shape: tuple[int, int, int],
     ``generator`` is the image's seeded CPU generator: the torch_cpu modes draw from it (so the draws that follow,
     for ancestral samplers, continue diffusers' sequence); the others leave it untouched.
     """
+    import numpy as np
     import torch
 
     mode = effective_seed_mode(mode)
@@ -79,22 +79,25 @@ def initial_noise(mode: str, seed: int, shape: tuple[int, int, int],
 
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-_U32 = np.uint64(0xFFFFFFFF)
+_U32 = 0xFFFFFFFF
 
 
-def philox_normal(seed: int, count: int, offset: int = 0) -> np.ndarray:
+def philox_normal(seed: int, count: int, offset: int = 0) -> "np.ndarray":
     """``count`` standard normals from Philox4x32-10 keyed by ``seed``: counter (offset, 0, i, 0) for value i, the
     first two output words through Box-Muller (the sine branch), as CUDA's generator fills a fresh tensor."""
+    import numpy as np
+
+    mask = np.uint64(_U32)
     counter = [np.full(count, offset, np.uint64), np.zeros(count, np.uint64), np.arange(count, dtype=np.uint64),
                np.zeros(count, np.uint64)]
     key = [np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)]
     for round_ in range(10):
         high0 = counter[0] * np.uint64(_PHILOX_M[0])
         high2 = counter[2] * np.uint64(_PHILOX_M[1])
-        counter = [((high2 >> np.uint64(32)) ^ counter[1] ^ key[0]) & _U32, high2 & _U32,
-                   ((high0 >> np.uint64(32)) ^ counter[3] ^ key[1]) & _U32, high0 & _U32]
+        counter = [((high2 >> np.uint64(32)) ^ counter[1] ^ key[0]) & mask, high2 & mask,
+                   ((high0 >> np.uint64(32)) ^ counter[3] ^ key[1]) & mask, high0 & mask]
         if round_ < 9:
-            key = [(key[0] + np.uint64(_PHILOX_W[0])) & _U32, (key[1] + np.uint64(_PHILOX_W[1])) & _U32]
+            key = [(key[0] + np.uint64(_PHILOX_W[0])) & mask, (key[1] + np.uint64(_PHILOX_W[1])) & mask]
     uniform = counter[0].astype(np.float64) / 2**32 + 2.0**-33  # never 0: log stays finite
     angle = counter[1].astype(np.float64) * (math.pi / 2**31) + math.pi / 2**32
     return (np.sqrt(-2.0 * np.log(uniform)) * np.sin(angle)).astype(np.float32)
@@ -116,9 +119,11 @@ def block_spiral(rows: int, columns: int) -> list[tuple[int, int]]:
     return order
 
 
-def nest_blocks(noise: np.ndarray) -> np.ndarray:
+def nest_blocks(noise: "np.ndarray") -> "np.ndarray":
     """(h, w, C) noise, read as consecutive 8x8xC blocks, placed along ``block_spiral``; sizes that are no multiple
     of 8, or under two blocks a side, keep the stream's own layout (as the app does)."""
+    import numpy as np
+
     height, width, channels = noise.shape
     if height % BLOCK or width % BLOCK or min(height, width) < 2 * BLOCK:
         return noise

@@ -27,12 +27,13 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from dts_util.client_text import quote
 from dts_util.errors import InvalidRequest
+
+if TYPE_CHECKING:  # numpy and diffusers load with the model: the protocols resolve sampler names without them
+    import numpy as np
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 TRAIN_TIMESTEPS = 1000
@@ -119,8 +120,9 @@ _AYS_TABLE = {"sd1": "StableDiffusionTimesteps", "sd2": "StableDiffusionTimestep
               "sdxl": "StableDiffusionXLTimesteps"}
 
 
-def _train_sigmas(scheduler_config: dict) -> np.ndarray:
+def _train_sigmas(scheduler_config: dict) -> "np.ndarray":
     """Sigma of every training timestep, from the model's own betas (via diffusers' scheduler maths)."""
+    import numpy as np
     from diffusers import DDPMScheduler
 
     alphas = DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod.numpy().astype(np.float64)
@@ -130,6 +132,7 @@ def _train_sigmas(scheduler_config: dict) -> np.ndarray:
 def ays_timesteps(family: str, steps: int, scheduler_config: dict) -> list[int]:
     """AYS timesteps for ``steps`` steps: the 10-step table as is, other counts interpolated log-linearly in sigma
     (NVIDIA's recipe, as the app does it), each sigma mapped back to the nearest training timestep."""
+    import numpy as np
     from diffusers.schedulers import AysSchedules
 
     table = AysSchedules[_AYS_TABLE.get(family, "StableDiffusionTimesteps")]
@@ -182,6 +185,7 @@ class _TimestepsArgument:
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
                       timesteps: list[int] | None = None, **kwargs: Any) -> None:
+        import numpy as np
         import torch
 
         if timesteps is None:

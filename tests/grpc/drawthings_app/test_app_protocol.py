@@ -196,19 +196,22 @@ def test_large_images_come_in_chunks_when_the_client_asks(app) -> None:
 
 
 @pytest.mark.parametrize("fields, words", [
-    (dict(upscaler="realesrgan_x4plus_f16.ckpt"), "an upscaler"),
-    (dict(face_restoration="restoreformer_v1.0_f16.ckpt"), "face restoration"),
     (dict(refiner_model="sd_xl_refiner_1.0_f16.ckpt"), "a refiner model"),
     (dict(controls=1), "ControlNet"),
-    (dict(sampler=12), "the DPMPP2MAYS sampler"),
     (dict(tea_cache=True), "TeaCache"),
     (dict(shift=3.0), "a sampling shift"),
-    (dict(original_image_height=1024), "SDXL size conditioning"),
 ])
 def test_what_dts_util_cannot_do_is_refused_by_name(app, fields, words) -> None:
     error = _error(app.GenerateImage, pb.ImageGenerationRequest(
         configuration=configuration(model=MODEL, **{**CONFIG, **fields})), timeout=60)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and words in error.details()
+
+
+@pytest.mark.parametrize("fields", [dict(upscaler="realesrgan_x4plus_f16.ckpt"),
+                                    dict(face_restoration="restoreformer_v1.0_f16.ckpt")])
+def test_post_processing_without_its_model_is_skipped_as_grpcservercli_does(app, fields) -> None:
+    _, images = generate(app, configuration=configuration(model=MODEL, **{**CONFIG, **fields}))
+    assert len(images) == 1
 
 
 def test_hints_are_refused_and_bad_inputs_are_invalid_argument(app) -> None:
