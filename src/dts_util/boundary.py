@@ -68,6 +68,9 @@ class GenerationRequest:
     mask_blur: int = 0
     skip_mask_overlay: bool = False
     seed_mode: str = ""
+    # Streamed previews as the Draw Things app takes them: the latents themselves (``LatentPreview``), at the app's
+    # cadence (odd steps in the first half of sampling, every step after it), instead of PNGs every N steps.
+    latent_previews: bool = False
     zero_negative_prompt: bool = False
     # SDXL micro-conditioning in pixels (0 = the generation's size, no crop); negative_* default to these.
     original_width: int = 0
@@ -104,8 +107,19 @@ class ModelDescription:
     inpainting: bool  # a dedicated inpainting model (9-channel UNet)
 
 
-# Called from the generation thread with each progress event and, on preview steps, a preview PNG.
-UpdateCallback = Callable[[dict, "bytes | None"], None]
+@dataclass(frozen=True)
+class LatentPreview:
+    """The first image's latents at a preview step: fp16 values in NHWC order (the client maps them to RGB)."""
+
+    height: int
+    width: int
+    channels: int
+    values: bytes  # little-endian fp16, height x width x channels
+
+
+# Called from the generation thread with each progress event and, on preview steps, a preview (a PNG, or the
+# latents themselves for ``latent_previews``).
+UpdateCallback = Callable[[dict, "bytes | LatentPreview | None"], None]
 
 
 class ImageGenerator(Protocol):

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, ModelDescription, Shape
 from dts_util.config import ServerConfig, check_dtype, resolve_device
@@ -252,16 +252,18 @@ class ImageService:
         ``on_update`` gets each progress event as it happens, with a preview PNG on the sampling
         events of every ``req.preview_every``-th step (called from the generation thread).
         """
-        from dts_util.pipeline.encode import encode_images, event_strings, info_json, latent_preview_png
+        from dts_util.pipeline.encode import (encode_images, event_strings, info_json, latent_preview,
+                                             latent_preview_png)
         from dts_util.pipeline.generation import EventLog, GenerationPipeline
 
         events, on_preview = None, None
         if on_update is not None:
-            pending: dict[str, bytes | None] = {}
+            pending: dict[str, Any] = {}
             events = EventLog(lambda event: on_update(event, pending.pop("png", None)))
 
             def on_preview(step: int, latents) -> None:
-                pending["png"] = latent_preview_png(latents, model.info.family)
+                pending["png"] = (latent_preview(latents) if req.latent_previews
+                                  else latent_preview_png(latents, model.info.family))
 
         encoders = model.prompt_encoders().text_encoders
         with model.lora_applier.applied(req.loras, encoders) as lora_unet:

@@ -94,7 +94,7 @@ async def generation_stream(generator: ImageGenerator, request: GenerationReques
     updates: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
-    def on_update(event: dict, preview: bytes | None) -> None:  # called from the generation thread
+    def on_update(event: dict, preview: Any) -> None:  # called from the generation thread
         loop.call_soon_threadsafe(updates.put_nowait, to_message(event, preview))
 
     job = asyncio.ensure_future(generator.generate(request, streamed=True, on_update=on_update))

@@ -14,6 +14,7 @@ import zlib
 from PIL import Image, PngImagePlugin
 
 from dts_util import __version__
+from dts_util.boundary import LatentPreview
 from dts_util.pipeline.params import ResolvedRequest
 from dts_util.pipeline.generation import GenerationResult
 
@@ -196,6 +197,15 @@ LATENT_RGB = {
     "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
               [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
 }
+
+
+def latent_preview(latents) -> LatentPreview:
+    """The first image's latents as they are (fp16, NHWC): a bounded copy off the device, no decode."""
+    import torch
+
+    latent = latents[0].detach().to("cpu", dtype=torch.float16).permute(1, 2, 0).contiguous()
+    height, width, channels = latent.shape
+    return LatentPreview(height, width, channels, latent.numpy().astype("<f2").tobytes())
 
 
 def latent_preview_png(latents, family: str) -> bytes | None:

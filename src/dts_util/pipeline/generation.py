@@ -293,7 +293,7 @@ class GenerationPipeline:
             latents = self._step(unet, scheduler, latents, t, embeddings, extra, req, step_kwargs, condition)
             if start.kept_latents is not None:
                 latents = _keep_unmasked(scheduler, latents, start, i)
-            if self.on_preview is not None and req.preview_every and (i + 1) % req.preview_every == 0:
+            if self.on_preview is not None and _preview_step(req, i, len(start.timesteps)):
                 self.on_preview(i + 1, latents)
             events.emit(event, step=i + 1, total=len(start.timesteps), backend=backends[backend_key])
         return latents
@@ -380,6 +380,15 @@ class GenerationPipeline:
         pixels = decoder(latent=latents / self.scaling)
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def _preview_step(req: ResolvedRequest, index: int, total: int) -> bool:
+    """Whether step ``index`` (0-based) of ``total`` sends a preview: every ``preview_every`` steps, or at the Draw
+    Things app's cadence (odd steps in the first half, then every step), which keeps the copies off the device few
+    while sampling is far from its result."""
+    if req.latent_previews:
+        return index % 2 == 1 or index > total // 2
+    return bool(req.preview_every) and (index + 1) % req.preview_every == 0
 
 
 def _apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,7 @@ class ResolvedRequest:
     init: InputImages | None = None
     skip_mask_overlay: bool = False
     seed_mode: str = "torch_cpu"
+    latent_previews: bool = False  # the app's previews: raw latents at its cadence
     zero_negative_prompt: bool = False
     size_conditioning: SizeConditioning = SizeConditioning()
     negative_size_conditioning: SizeConditioning = SizeConditioning()
@@ -278,7 +279,7 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
         batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
         hr_scale=hr_scale, denoising_strength=strength, clip_skip=max(1, req.clip_skip), loras=loras,
         preview_every=req.preview_every, output_format=output_format, quality=req.quality or 90,
-        init=init, skip_mask_overlay=req.skip_mask_overlay, seed_mode=seed_mode,
+        init=init, skip_mask_overlay=req.skip_mask_overlay, seed_mode=seed_mode, latent_previews=req.latent_previews,
         zero_negative_prompt=req.zero_negative_prompt, size_conditioning=size_conditioning,
         negative_size_conditioning=negative_size_conditioning,
     )

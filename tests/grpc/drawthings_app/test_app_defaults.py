@@ -147,3 +147,21 @@ def test_the_recommended_sdxl_configuration_matches_diffusers_xl(flatc_config, m
                           target_size=(1024, 1024), negative_original_size=(512, 512),
                           negative_target_size=(1024, 1024))
     assert np.abs(result_pixels(image) - expected).max() <= ROUNDING
+
+
+def test_previews_are_the_latents_at_the_apps_cadence(flatc_config, server) -> None:
+    """gRPCServerCLI's previewImage: the sampler's latents as an fp16 NHWC tensor, beside a sampling signpost, on odd
+    steps in the first half and every step after it."""
+    import struct
+
+    data = _configuration(flatc_config, **{**APP_DEFAULTS, "startWidth": 2, "startHeight": 2, "steps": 6,
+                                           "model": MODEL})
+    channel, app_stub = stub(server.target)
+    with channel:
+        responses, _ = generate(app_stub, prompt=PROMPT, configuration=data)
+    previews = [r for r in responses if r.HasField("previewImage")]
+    assert [r.currentSignpost.sampling.step for r in previews] == [2, 4, 5, 6]
+    identifier, memory, layout, datatype, _, *dims = struct.unpack_from("<5I12i", previews[-1].previewImage)
+    assert (identifier, memory, layout, datatype) == (0, 1, 2, 0x20000) and dims[:4] == [1, 16, 16, 4]
+    values = np.frombuffer(previews[-1].previewImage, dtype="<f2", offset=68)
+    assert values.size == 16 * 16 * 4 and np.isfinite(values).all()

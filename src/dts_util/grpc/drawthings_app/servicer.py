@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator
+from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator, LatentPreview
 from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest, Unauthenticated, UploadCorrupt
 from dts_util.grpc.call_streams import CallWatch, UploadMessages, generation_stream, in_thread, open_upload, uploaded
@@ -133,10 +133,14 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         boundary, expected = await asyncio.to_thread(self._decode_request, request)
         request_log().update(user=request.user[:80])
 
-        def signpost(event: dict, preview: bytes | None) -> pb.ImageGenerationResponse | None:
+        def signpost(event: dict, preview: LatentPreview | None) -> pb.ImageGenerationResponse | None:
             current = _signpost(event)
-            return None if current is None else pb.ImageGenerationResponse(currentSignpost=current,
-                                                                           signposts=expected)
+            if current is None:
+                return None
+            response = pb.ImageGenerationResponse(currentSignpost=current, signposts=expected)
+            if isinstance(preview, LatentPreview):  # the app reads a preview only beside a signpost
+                response.previewImage = _latent_tensor(preview)
+            return response
 
         async for item in generation_stream(self.generator, boundary, context, signpost):
             if not isinstance(item, GenerationOutput):
@@ -179,7 +183,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
             batch_size=config.batch_size, batch_count=config.batch_count, model=self.names.model(config.model),
             clip_skip=config.clip_skip, loras=tuple((self.names.lora(lora.file), lora.weight) for lora in config.loras),
             init_image=image_png, mask=mask_png, mask_blur=round(config.mask_blur) if mask_png else 0,
-            skip_mask_overlay=not config.preserve_original, seed_mode=config.seed_mode,
+            skip_mask_overlay=not config.preserve_original, seed_mode=config.seed_mode, latent_previews=True,
             zero_negative_prompt=config.zero_negative_prompt, **_size_conditioning(config))
         if config.ignored:
             request_log()["ignored"] = ", ".join(config.ignored)
@@ -256,6 +260,13 @@ def _result_tensors(pngs: list[bytes]) -> list[bytes]:
     from dts_util.grpc.drawthings_app import tensors
 
     return [tensors.encode_image(Image.open(io.BytesIO(png))) for png in pngs]
+
+
+def _latent_tensor(preview: LatentPreview) -> bytes:
+    """The latents as gRPCServerCLI sends them in ``previewImage``: the app's fp16 NHWC tensor blob, [1, h, w, C]."""
+    from dts_util.grpc.drawthings_app import tensors
+
+    return tensors.encode_latents(preview.height, preview.width, preview.channels, preview.values)
 
 
 def _check_uploadable(init: pb.InitUploadRequest) -> None:

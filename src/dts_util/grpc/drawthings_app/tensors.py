@@ -191,6 +191,12 @@ def encode_image(image: Image.Image) -> bytes:
     return header + (pixels * (2 / 255) - 1).astype("<f2").tobytes()
 
 
+def encode_latents(height: int, width: int, channels: int, values: bytes) -> bytes:
+    """Latents (little-endian fp16 in NHWC order) as the app's raw tensor blob [1, h, w, C]: its preview."""
+    header = HEADER.pack(RAW, CPU_MEMORY, NHWC, FLOAT16, 0, 1, height, width, channels, *([0] * 8))
+    return header + values
+
+
 def tensor_image(tensor: Tensor, field: str) -> Image.Image:
     """An image tensor ([1, H, W, C] or [H, W, C], C = 3 or 4, values in [-1, 1]) as an RGB image."""
     dims = tensor.dims[1:] if len(tensor.dims) == 4 and tensor.dims[0] == 1 else tensor.dims
