@@ -66,6 +66,7 @@ class GenerationRequest:
     init_image: bytes = b""  # encoded PNG/JPEG/WebP: img2img, and inpainting with ``mask``
     mask: bytes = b""
     mask_blur: int = 0
+    mask_outset: int = 0  # pixels the repainted area grows (negative: shrinks) before the blur
     skip_mask_overlay: bool = False
     seed_mode: str = ""
     # Streamed previews as the Draw Things app takes them: the latents themselves (``LatentPreview``), at the app's

@@ -58,3 +58,33 @@ def test_mask_value_4_repaints_as_2() -> None:
     values = np.array([[0, 1, 2, 3], [4, 4 | 0xF8, 2 | 0x40, 5]], dtype=np.uint8)
     mask = np.asarray(mask_image(Tensor(values.shape, values), (4, 2)))
     assert (mask == 255).tolist() == [[False, True, True, False], [True, True, True, False]]
+
+
+@pytest.mark.parametrize("outset", [3, -2, 0])
+def test_mask_outset_grows_or_shrinks_the_repainted_area(outset: int) -> None:
+    from dts_util.pipeline.images import fit_input_images
+
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (20, 20, 40, 40))
+    fitted = fit_input_images(Image.new("RGB", (64, 64)), mask, 64, 64, 0, "", outset).mask
+    repainted = np.asarray(fitted) > 127
+    side = 20 + 2 * outset  # the 20x20 square, grown or shrunk by `outset` on every side
+    assert repainted.sum() == side * side
+    assert repainted[20 - outset, 20 - outset] and not repainted[19 - outset, 20 - outset]
+
+
+def test_mask_outset_through_the_server(client: Client) -> None:
+    buffer, mask_buffer = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "PNG")
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (24, 24, 40, 40))
+    mask.save(mask_buffer, "PNG")
+    fields = dict(prompt="x", steps=2, seed=1, init_image=buffer.getvalue(), mask=mask_buffer.getvalue())
+    kept = _pixels(client.generate(**fields).images[0])
+    grown = client.generate(**fields, mask_outset=6)
+    assert json.loads(grown.info)["mask_outset"] == 6
+    grown_pixels = _pixels(grown.images[0])
+    assert np.array_equal(kept[20, 20], [200, 30, 30]) and not np.array_equal(grown_pixels[20, 20], [200, 30, 30])
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(**fields, mask_outset=65)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mask_outset" in caught.value.details()

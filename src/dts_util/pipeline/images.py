@@ -38,6 +38,7 @@ class InputImages:
     source_size: tuple[int, int]  # (width, height) as sent, after EXIF orientation
     sha256: str  # of the encoded image as sent
     mask_blur: int = 0
+    mask_outset: int = 0
 
     @property
     def mode(self) -> str:
@@ -113,15 +114,25 @@ def read_input_images(init_image: bytes, mask: bytes, mask_blur: int) -> tuple[I
 
 
 def fit_input_images(image: Image.Image, mask: Image.Image | None, width: int, height: int, mask_blur: int,
-                     sha256: str) -> InputImages:
+                     sha256: str, mask_outset: int = 0) -> InputImages:
     """Stretch image and mask to the generation size (Lanczos, as diffusers' image processor) and blur the mask."""
     source_size = image.size
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     if mask is not None:
         mask = mask.resize((width, height), resample=Image.Resampling.LANCZOS)
+        mask = outset_mask(mask, mask_outset)
         if mask_blur:
             mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
-    return InputImages(image, mask, source_size, sha256, mask_blur)
+    return InputImages(image, mask, source_size, sha256, mask_blur, mask_outset if mask is not None else 0)
+
+
+def outset_mask(mask: Image.Image, pixels: int) -> Image.Image:
+    """The repainted (white) area grown by ``pixels`` (shrunk for a negative count), one 3x3 max (min) filter per
+    pixel, as the app erodes its kept area for a positive mask blur outset."""
+    grow = ImageFilter.MaxFilter(3) if pixels > 0 else ImageFilter.MinFilter(3)
+    for _ in range(abs(pixels)):
+        mask = mask.filter(grow)
+    return mask
 
 
 def sha256_hex(data: bytes) -> str:

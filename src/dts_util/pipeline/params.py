@@ -46,6 +46,7 @@ class LoraRequest:
     from_prompt: bool = False
 
 
+MAX_MASK_OUTSET = 64
 MAX_CONDITIONING_SIZE = 8192  # SDXL size conditioning, pixels
 
 
@@ -269,10 +270,11 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
     _in_range("quality", req.quality, 0, 100, " (0 = 90)")
     prompt, loras = _loras(req)
     seed_mode = find_seed_mode(req.seed_mode)
+    _in_range("mask_outset", req.mask_outset, -MAX_MASK_OUTSET, MAX_MASK_OUTSET, " pixels (0 = none)")
     size_conditioning, negative_size_conditioning = _size_conditioning(req)
     init = None
     if decoded is not None:
-        init = fit_input_images(*decoded, width, height, req.mask_blur, sha256_hex(req.init_image))
+        init = fit_input_images(*decoded, width, height, req.mask_blur, sha256_hex(req.init_image), req.mask_outset)
     return ResolvedRequest(
         model=model, prompt=prompt, negative_prompt=req.negative_prompt, width=width, height=height,
         steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler),

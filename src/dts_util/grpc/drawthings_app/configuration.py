@@ -48,6 +48,7 @@ class AppConfiguration:
     loras: tuple[AppLora, ...]
     unsupported: tuple[str, ...]  # what it asks for that dts-util cannot do, by name
     seed_mode: str = "torch_cpu"
+    mask_outset: int = 0  # pixels
     zero_negative_prompt: bool = False
     # SDXL conditioning in pixels, 0 = the image's size: original and target (height, width), crop (top, left)
     original_size: tuple[int, int] = (0, 0)
@@ -137,7 +138,7 @@ def _read(data: bytes) -> AppConfiguration:
         hires_fix_strength=_finite(root.scalar(14, "f32", 0.7)), clip_skip=root.scalar(18, "u32", 1),
         mask_blur=_finite(root.scalar(21, "f32", 0.0)), preserve_original=bool(root.scalar(58, "bool", True)),
         loras=loras, unsupported=tuple(unsupported), seed_mode=_seed_mode(root.scalar(17, "i8", 0)),
-        zero_negative_prompt=bool(root.scalar(37, "bool", False)),
+        zero_negative_prompt=bool(root.scalar(37, "bool", False)), mask_outset=root.scalar(47, "i32", 0),
         original_size=(root.scalar(29, "u32"), root.scalar(30, "u32")),
         target_size=(root.scalar(33, "u32"), root.scalar(34, "u32")),
         crop=(root.scalar(31, "i32"), root.scalar(32, "i32")),
@@ -177,8 +178,6 @@ def _unsupported(root: _Table) -> list[str]:
     found += [feature for slot, feature in flags if root.scalar(slot, "bool", False)]
     if root.scalar(48, "f32", 0.0):
         found.append("sharpness")
-    if root.scalar(47, "i32", 0):
-        found.append("a mask blur outset")
     if abs(root.scalar(49, "f32", 1.0) - 1.0) > 1e-6:
         found.append("a sampling shift")
     if root.scalar(84, "i8", 0):

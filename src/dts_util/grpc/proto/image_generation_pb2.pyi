@@ -39,7 +39,7 @@ class FilesExistResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[str]] = ..., exists: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageGenerationRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras", "preview_every", "output_format", "quality", "init_image", "mask", "mask_blur", "skip_mask_overlay", "seed_mode", "zero_negative_prompt", "original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height", "negative_original_width", "negative_original_height", "negative_crop_top", "negative_crop_left", "negative_target_width", "negative_target_height")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras", "preview_every", "output_format", "quality", "init_image", "mask", "mask_blur", "skip_mask_overlay", "seed_mode", "zero_negative_prompt", "original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height", "negative_original_width", "negative_original_height", "negative_crop_top", "negative_crop_left", "negative_target_width", "negative_target_height", "mask_outset")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class ImageGenerationRequest(_message.Message):
     NEGATIVE_CROP_LEFT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MASK_OUTSET_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -116,7 +117,8 @@ class ImageGenerationRequest(_message.Message):
     negative_crop_left: int
     negative_target_width: int
     negative_target_height: int
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., preview_every: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., skip_mask_overlay: _Optional[bool] = ..., seed_mode: _Optional[str] = ..., zero_negative_prompt: _Optional[bool] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., crop_top: _Optional[int] = ..., crop_left: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., negative_original_width: _Optional[int] = ..., negative_original_height: _Optional[int] = ..., negative_crop_top: _Optional[int] = ..., negative_crop_left: _Optional[int] = ..., negative_target_width: _Optional[int] = ..., negative_target_height: _Optional[int] = ...) -> None: ...
+    mask_outset: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., preview_every: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., skip_mask_overlay: _Optional[bool] = ..., seed_mode: _Optional[str] = ..., zero_negative_prompt: _Optional[bool] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., crop_top: _Optional[int] = ..., crop_left: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., negative_original_width: _Optional[int] = ..., negative_original_height: _Optional[int] = ..., negative_crop_top: _Optional[int] = ..., negative_crop_left: _Optional[int] = ..., negative_target_width: _Optional[int] = ..., negative_target_height: _Optional[int] = ..., mask_outset: _Optional[int] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("file", "weight")
