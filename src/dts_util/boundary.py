@@ -65,7 +65,7 @@ class GenerationRequest:
     quality: int = 0
     init_image: bytes = b""  # encoded PNG/JPEG/WebP: img2img, and inpainting with ``mask``
     mask: bytes = b""
-    mask_blur: int = 0
+    mask_blur: float = 0  # pixels (the standard deviation of the Gaussian); the seed protocol sends whole pixels
     mask_outset: int = 0  # pixels the repainted area grows (negative: shrinks) before the blur
     skip_mask_overlay: bool = False
     seed_mode: str = ""

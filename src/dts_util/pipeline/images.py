@@ -37,7 +37,7 @@ class InputImages:
     mask: Image.Image | None  # L (white = repaint), same size, blurred by mask_blur; None for img2img
     source_size: tuple[int, int]  # (width, height) as sent, after EXIF orientation
     sha256: str  # of the encoded image as sent
-    mask_blur: int = 0
+    mask_blur: float = 0
     mask_outset: int = 0
 
     @property
@@ -97,7 +97,7 @@ def default_size(image_size: tuple[int, int]) -> tuple[int, int]:
     return tuple(side - side % SIZE_MULTIPLE for side in image_size)  # type: ignore[return-value]
 
 
-def read_input_images(init_image: bytes, mask: bytes, mask_blur: int) -> tuple[Image.Image, Image.Image | None]:
+def read_input_images(init_image: bytes, mask: bytes, mask_blur: float) -> tuple[Image.Image, Image.Image | None]:
     """Decode and cross-check the request's image and mask, at the sizes they were sent."""
     if mask and not init_image:
         raise InvalidRequest("mask was sent without init_image; inpainting needs the image to paint into")
@@ -113,7 +113,7 @@ def read_input_images(init_image: bytes, mask: bytes, mask_blur: int) -> tuple[I
     return image.convert("RGB"), decoded_mask.convert("L")
 
 
-def fit_input_images(image: Image.Image, mask: Image.Image | None, width: int, height: int, mask_blur: int,
+def fit_input_images(image: Image.Image, mask: Image.Image | None, width: int, height: int, mask_blur: float,
                      sha256: str, mask_outset: int = 0) -> InputImages:
     """Stretch image and mask to the generation size (Lanczos, as diffusers' image processor) and blur the mask."""
     source_size = image.size

@@ -139,8 +139,18 @@ def test_the_recommended_sdxl_configuration_matches_diffusers_xl(flatc_config, m
     fields = {**_from_json(preset), "startWidth": 2, "startHeight": 2, "steps": 4, "seed": 3, "clipSkip": 1,
               "model": "tiny-sdxl.ckpt"}
     channel, app_stub = stub(server.target)
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    mask = Image.new("L", (128, 128))
+    mask.paste(255, (40, 40, 88, 88))
     with channel:
         _, (image,) = generate(app_stub, prompt=PROMPT, configuration=_configuration(flatc_config, **fields))
+        partial = _configuration(flatc_config, **{**fields, "strength": 0.6})
+        _, (img2img,) = generate(app_stub, prompt=PROMPT, configuration=partial, image=image_tensor(init))
+        _, (inpainted,) = generate(app_stub, prompt=PROMPT, configuration=partial, image=image_tensor(init),
+                                   mask=mask_tensor(mask))
+    assert result_pixels(img2img).shape == result_pixels(inpainted).shape == (128, 128, 3)
+    # preserve original after inpaint (the default): far from the mask's blurred edge the input shows unchanged
+    assert np.abs(result_pixels(inpainted)[:16] - np.asarray(init, dtype=np.int16)[:16]).max() <= 1
     expected = _diffusers(diffusers.StableDiffusionXLPipeline, sdxl_folder, seed=3, steps=4,
                           guidance=preset["guidanceScale"], size=128, family="sdxl", sampler="DPM++ 2M AYS",
                           seed_mode="scale_alike", negative_prompt=None, original_size=(1024, 1024),

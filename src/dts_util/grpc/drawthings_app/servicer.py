@@ -182,7 +182,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
             denoising_strength=config.hires_fix_strength if hires_scale > 1 else strength,
             batch_size=config.batch_size, batch_count=config.batch_count, model=self.names.model(config.model),
             clip_skip=config.clip_skip, loras=tuple((self.names.lora(lora.file), lora.weight) for lora in config.loras),
-            init_image=image_png, mask=mask_png, mask_blur=round(config.mask_blur) if mask_png else 0,
+            init_image=image_png, mask=mask_png, mask_blur=config.mask_blur if mask_png else 0,
             mask_outset=config.mask_outset if mask_png else 0,
             skip_mask_overlay=not config.preserve_original, seed_mode=config.seed_mode, latent_previews=True,
             zero_negative_prompt=config.zero_negative_prompt, **_size_conditioning(config))
