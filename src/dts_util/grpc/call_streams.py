@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator
+from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator, LatentPreview
 from dts_util.errors import CallCancelled, UploadStalled
 from dts_util.grpc.interceptors import request_log
 
@@ -94,7 +94,7 @@ async def generation_stream(generator: ImageGenerator, request: GenerationReques
     updates: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
-    def on_update(event: dict, preview: Any) -> None:  # called from the generation thread
+    def on_update(event: dict, preview: bytes | LatentPreview | None) -> None:  # called from the generation thread
         loop.call_soon_threadsafe(updates.put_nowait, to_message(event, preview))
 
     job = asyncio.ensure_future(generator.generate(request, streamed=True, on_update=on_update))

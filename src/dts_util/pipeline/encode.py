@@ -181,7 +181,8 @@ def _input_image_info(req: ResolvedRequest) -> dict:
     info = {"init_image": {"width": width, "height": height, "sha256": req.init.sha256,
                            "resized": req.init.source_size != (req.width, req.height)}}
     if req.init.mask is not None:
-        info.update(mask_blur=req.init.mask_blur, mask_outset=req.init.mask_outset, mask_overlay=not req.skip_mask_overlay)
+        info.update(mask_blur=req.init.mask_blur, mask_outset=req.init.mask_outset,
+                    mask_overlay=not req.skip_mask_overlay)
     return info
 
 

@@ -158,12 +158,11 @@ class GenerationPipeline:
     def _one_pass(self, req: ResolvedRequest, embeddings: PromptEmbeddings, image: EncodedImage | None,
                   seeds: list[int], events: EventLog, timer: "_Timer", result: GenerationResult) -> list[Image.Image]:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        self.seeds, self.seed_mode = seeds, req.seed_mode  # how _start draws each image's noise
         backends = result.backends
         # 4. First pass at width x height: from noise, or from the input image at denoising_strength.
         strength = req.denoising_strength if image is not None else 1.0
         with timer("sampling"):
-            latents = self.sample(req, embeddings, generators, req.width, req.height, strength, events=events,
+            latents = self.sample(req, embeddings, seeds, generators, req.width, req.height, strength, events=events,
                                   event="sampling", backends=backends, backend_key="unet", image=image,
                                   result=result)
         # 5. High-res fix: upscale the latents, then an img2img pass at denoising_strength.
@@ -172,7 +171,7 @@ class GenerationPipeline:
             latents = torch.nn.functional.interpolate(
                 latents, size=(height // self.vae_scale, width // self.vae_scale), mode="bilinear")
             with timer("second_pass_sampling"):
-                latents = self.sample(req, embeddings, generators, width, height, req.denoising_strength,
+                latents = self.sample(req, embeddings, seeds, generators, width, height, req.denoising_strength,
                                       events=events, event="secondPassSampling", backends=backends,
                                       backend_key="unet_second_pass", initial=latents)
         # 6. Decode to pixels.
@@ -265,14 +264,14 @@ class GenerationPipeline:
         ids = torch.tensor([b.time_ids(width, height) for b in branches], dtype=self.dtype, device=self.device)
         return ids.repeat_interleave(req.batch_size, dim=0)
 
-    def sample(self, req: ResolvedRequest, embeddings: PromptEmbeddings, generators: list[torch.Generator],
-               width: int, height: int, strength: float, *, events: EventLog, event: str,
+    def sample(self, req: ResolvedRequest, embeddings: PromptEmbeddings, seeds: list[int],
+               generators: list[torch.Generator], width: int, height: int, strength: float, *, events: EventLog, event: str,
                backends: dict[str, str], backend_key: str, initial: torch.Tensor | None = None,
                image: EncodedImage | None = None, result: GenerationResult | None = None) -> torch.Tensor:
         """Run the sampler for ``steps`` (x ``strength`` when starting from ``initial`` latents or an input image)."""
         scheduler = make_scheduler(req.sampler, self.model.info.scheduler_config)
         set_schedule(scheduler, req.sampler, req.steps, self.model.info.family, self.device)
-        start = self._start(scheduler, req.steps, strength, generators, width, height, initial, image, backends)
+        start = self._start(scheduler, req, strength, seeds, generators, width, height, initial, image, backends)
         if result is not None:
             result.denoising_steps = start.denoising_steps
         latents = start.latents
@@ -298,9 +297,9 @@ class GenerationPipeline:
             events.emit(event, step=i + 1, total=len(start.timesteps), backend=backends[backend_key])
         return latents
 
-    def _start(self, scheduler: Any, steps: int, strength: float, generators: list[torch.Generator], width: int,
-               height: int, initial: torch.Tensor | None, image: EncodedImage | None,
-               backends: dict[str, str]) -> StartState:
+    def _start(self, scheduler: Any, req: ResolvedRequest, strength: float, seeds: list[int],
+               generators: list[torch.Generator], width: int, height: int, initial: torch.Tensor | None,
+               image: EncodedImage | None, backends: dict[str, str]) -> StartState:
         """Start latents and timesteps of a pass, drawing from each generator in diffusers' order: the input
         image's latents, then the noise, then (inpainting) the masked image's latents."""
         timesteps = scheduler.timesteps
@@ -309,7 +308,7 @@ class GenerationPipeline:
         from_image = initial is not None or (image is not None and not (inpaint and strength >= 1.0))
         begin = 0
         if initial is not None or image is not None:  # diffusers' get_timesteps
-            begin = img2img_start_step(steps, strength)
+            begin = img2img_start_step(req.steps, strength)
             timesteps = timesteps[begin * scheduler.order:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(begin * scheduler.order)
@@ -317,11 +316,11 @@ class GenerationPipeline:
         if image is not None and (from_image or (inpaint and not self.model.info.inpainting)):
             image_latents = self._sample_latents(image.moments, generators)
         shape = (len(generators), self.model.info.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        noise = torch.cat([initial_noise(self.seed_mode, seed, shape[1:], g)
-                           for seed, g in zip(self.seeds, generators)]).to(self.device, self.dtype)
+        noise = torch.cat([initial_noise(req.seed_mode, seed, shape[1:], g)
+                           for seed, g in zip(seeds, generators)]).to(self.device, self.dtype)
         source = initial if initial is not None else image_latents
         latents = scheduler.add_noise(source, noise, timesteps[:1]) if from_image else noise * scheduler.init_noise_sigma
-        start = StartState(latents, timesteps, noise, steps - begin)
+        start = StartState(latents, timesteps, noise, req.steps - begin)
         if inpaint and not self.model.info.inpainting:
             # Latent masking; the masked image is still encoded and sampled by diffusers, so its draws are made too.
             _advance(generators, shape)

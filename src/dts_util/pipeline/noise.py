@@ -17,7 +17,6 @@ Each image of a request keeps its own seed (seed + i); only how its noise is dra
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 from dts_util.client_text import quote

@@ -216,17 +216,15 @@ def _size_conditioning(req: GenerationRequest) -> tuple[SizeConditioning, SizeCo
     for name in names:
         for field in (name, f"negative_{name}"):
             _in_range(field, getattr(req, field), 0, MAX_CONDITIONING_SIZE, " pixels (0 = the image's size, no crop)")
-    positive = SizeConditioning((req.original_height, req.original_width), (req.crop_top, req.crop_left),
-                                (req.target_height, req.target_width))
 
-    def negative(name: str, fallback: int) -> int:
-        return getattr(req, f"negative_{name}") or fallback
+    def branch(prefix: str) -> SizeConditioning:
+        def value(name: str) -> int:  # a negative value of 0 falls back to the positive one
+            return getattr(req, prefix + name) or getattr(req, name)
 
-    negative_sizes = SizeConditioning(
-        (negative("original_height", req.original_height), negative("original_width", req.original_width)),
-        (negative("crop_top", req.crop_top), negative("crop_left", req.crop_left)),
-        (negative("target_height", req.target_height), negative("target_width", req.target_width)))
-    return positive, negative_sizes
+        return SizeConditioning((value("original_height"), value("original_width")),
+                                (value("crop_top"), value("crop_left")), (value("target_height"), value("target_width")))
+
+    return branch(""), branch("negative_")
 
 
 def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedRequest:

@@ -120,13 +120,19 @@ _AYS_TABLE = {"sd1": "StableDiffusionTimesteps", "sd2": "StableDiffusionTimestep
               "sdxl": "StableDiffusionXLTimesteps"}
 
 
+def _sigmas(alphas_cumprod: Any) -> "np.ndarray":
+    """Sigma of every training timestep from the cumulative alphas (a torch tensor), in float64."""
+    import numpy as np
+
+    alphas = alphas_cumprod.numpy().astype(np.float64)
+    return np.sqrt((1 - alphas) / alphas)
+
+
 def _train_sigmas(scheduler_config: dict) -> "np.ndarray":
     """Sigma of every training timestep, from the model's own betas (via diffusers' scheduler maths)."""
-    import numpy as np
     from diffusers import DDPMScheduler
 
-    alphas = DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod.numpy().astype(np.float64)
-    return np.sqrt((1 - alphas) / alphas)
+    return _sigmas(DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod)
 
 
 def ays_timesteps(family: str, steps: int, scheduler_config: dict) -> list[int]:
@@ -193,8 +199,7 @@ class _TimestepsArgument:
             return
         super().set_timesteps(len(timesteps), device=device, **kwargs)  # type: ignore[misc]
         chosen = np.asarray(timesteps, dtype=np.float64)
-        alphas = self.alphas_cumprod.numpy().astype(np.float64)  # type: ignore[attr-defined]
-        train_sigmas = np.sqrt((1 - alphas) / alphas)
+        train_sigmas = _sigmas(self.alphas_cumprod)  # type: ignore[attr-defined]
         sigmas = np.append(np.interp(chosen, np.arange(len(train_sigmas)), train_sigmas), 0.0)
         self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
         self.timesteps = torch.from_numpy(chosen).to(device=device, dtype=self.timesteps.dtype)  # type: ignore

@@ -13,7 +13,8 @@ from dts_util.grpc.proto import image_generation_pb2 as pb
 def generation_request(message: pb.ImageGenerationRequest) -> GenerationRequest:
     """Field for field: the domain request keeps the protocol's names and its 0-means-default rule."""
     sent = message.DESCRIPTOR.fields_by_name  # the model layer's own settings (latent_previews) are not the wire's
-    values = {f.name: getattr(message, f.name) for f in fields(GenerationRequest) if f.name in sent and f.name != "loras"}
+    values = {f.name: getattr(message, f.name) for f in fields(GenerationRequest)
+              if f.name in sent and f.name != "loras"}
     return GenerationRequest(**values, loras=tuple((lora.file, lora.weight) for lora in message.loras))
 
 

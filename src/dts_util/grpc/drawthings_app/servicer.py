@@ -267,7 +267,7 @@ def _latent_tensor(preview: LatentPreview) -> bytes:
     """The latents as gRPCServerCLI sends them in ``previewImage``: the app's fp16 NHWC tensor blob, [1, h, w, C]."""
     from dts_util.grpc.drawthings_app import tensors
 
-    return tensors.encode_latents(preview.height, preview.width, preview.channels, preview.values)
+    return tensors.encode_fp16(preview.height, preview.width, preview.channels, preview.values)
 
 
 def _check_uploadable(init: pb.InitUploadRequest) -> None:

@@ -187,12 +187,11 @@ def encode_image(image: Image.Image) -> bytes:
     """An RGB image as the app's result blob: raw (every client decodes it) fp16 NHWC in [-1, 1]."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     height, width = pixels.shape[:2]
-    header = HEADER.pack(RAW, CPU_MEMORY, NHWC, FLOAT16, 0, 1, height, width, 3, *([0] * 8))
-    return header + (pixels * (2 / 255) - 1).astype("<f2").tobytes()
+    return encode_fp16(height, width, 3, (pixels * (2 / 255) - 1).astype("<f2").tobytes())
 
 
-def encode_latents(height: int, width: int, channels: int, values: bytes) -> bytes:
-    """Latents (little-endian fp16 in NHWC order) as the app's raw tensor blob [1, h, w, C]: its preview."""
+def encode_fp16(height: int, width: int, channels: int, values: bytes) -> bytes:
+    """Little-endian fp16 values in NHWC order as the app's raw tensor blob [1, h, w, C] (results and previews)."""
     header = HEADER.pack(RAW, CPU_MEMORY, NHWC, FLOAT16, 0, 1, height, width, channels, *([0] * 8))
     return header + values
 
