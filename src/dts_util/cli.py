@@ -293,6 +293,11 @@ def generate(
         help="Inpainting mask of the --init-image's size: white is repainted, black kept.", dir_okay=False,
         show_default="none")] = None,
     mask_blur: Annotated[int, typer.Option(help="Blur radius of the mask's edge in pixels (0 = none).")] = 4,
+    mask_outset: Annotated[int, typer.Option(
+        help="Pixels the repainted area grows by before the blur (negative: shrinks), -64..64.")] = 0,
+    seed_mode: Annotated[str, typer.Option(
+        help="How the starting noise is drawn from the seed: torch_cpu, scale_alike, nvidia_gpu or legacy (the Draw "
+             "Things app's seed modes).")] = "torch_cpu",
     mask_overlay: Annotated[bool, typer.Option(
         help="Inpainting: paste the input back over the kept pixels (--no-mask-overlay: the model's output as "
              "it is).")] = True,
@@ -310,13 +315,14 @@ def generate(
     fields = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                   cfg_scale=cfg_scale, seed=seed, sampler=sampler, batch_size=batch_size,
                   batch_count=batch_count, enable_hr=enable_hr, hr_scale=hr_scale,
-                  denoising_strength=denoising_strength, model=model)
+                  denoising_strength=denoising_strength, model=model, seed_mode=seed_mode)
     if mask is not None and init_image is None:
         raise _fail("--mask needs --init-image: inpainting paints into that image")
     if init_image is not None:
         fields.update(init_image=_read_input(init_image, "--init-image", limits.MAX_INIT_IMAGE_BYTES),
                       mask=_read_input(mask, "--mask", limits.MAX_MASK_BYTES) if mask else b"",
-                      mask_blur=mask_blur if mask else 0, skip_mask_overlay=not mask_overlay)
+                      mask_blur=mask_blur if mask else 0, mask_outset=mask_outset if mask else 0,
+                      skip_mask_overlay=not mask_overlay)
     try:
         with _client(host, port, timeout, token, token_file, tls, ca, client_cert, client_key) as client:
             images, info_text = _generate_with_progress(client, fields)

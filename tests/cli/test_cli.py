@@ -12,7 +12,7 @@ from dts_util.cli import app
 
 runner = CliRunner()
 COMMANDS = ["serve", "test", "generate", "upload", "files-exist", "install", "build-engines", "engines list",
-            "engines rm"]
+            "engines rm", "samplers"]
 
 
 def _port(server) -> list[str]:
@@ -44,6 +44,17 @@ def test_generate_writes_pngs_and_prints_info(server, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["4.png", "5.png"]
     assert '"sampler": "DPM++ 2M Karras"' in result.output
+
+
+def test_samplers_lists_the_apps_samplers_and_generate_takes_them_with_a_seed_mode(server, tmp_path) -> None:
+    from dts_util.pipeline.samplers import APP_SAMPLERS
+
+    listed = runner.invoke(app, ["samplers"])
+    assert listed.exit_code == 0 and all(name in listed.output for name in APP_SAMPLERS)
+    result = runner.invoke(app, ["generate", "a castle", "--seed", "4", "--steps", "2", "--sampler", "UniPCAYS",
+                                 "--seed-mode", "scale_alike", "--out", str(tmp_path), *_port(server)])
+    assert result.exit_code == 0, result.output
+    assert '"sampler": "UniPC AYS"' in result.output and '"seed_mode": "scale_alike"' in result.output
 
 
 def test_generate_inpaints_an_init_image_with_a_mask(server, tmp_path) -> None:
