@@ -52,6 +52,14 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny seeded FLUX.1 [dev] in the diffusers layout (tools/make_tiny_flux.py), built once per session."""
+    from tests.tools import load_tool
+
+    return load_tool("make_tiny_flux").build(tmp_path_factory.mktemp("flux") / "tiny-flux-dev")
+
+
+@pytest.fixture(scope="session")
 def base_config(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ServerConfig:
     return ServerConfig(model_dir=model_store.root, engine_dir=tmp_path_factory.mktemp("engines"),
                         address="127.0.0.1", port=0, device="cpu", max_upload_bytes=1024 * 1024)

@@ -106,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
     from dts_util.boundary import Shape
     from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder, EagerVaeEncoder
     from dts_util.pipeline.params import GenerationRequest, resolve
-    from dts_util.pipeline.generation import GenerationPipeline
+    from dts_util.pipeline.generation import make_pipeline
 
     backend, _, precision = args.backend.removesuffix(CUDA_GRAPH_SUFFIX).partition(":")
     store = ModelStore(Path(args.model_dir))
@@ -147,7 +147,7 @@ def worker(args: argparse.Namespace) -> None:
         encode_ms = median_ms(lambda: (encoder(**image), sync()), max(1, args.repeats // 2))
 
         class Fixed:
-            def unet(self, shape):
+            def denoiser(self, shape):
                 return unet
 
             def vae_decoder(self, shape):
@@ -159,7 +159,7 @@ def worker(args: argparse.Namespace) -> None:
         request = resolve(GenerationRequest(prompt="a lighthouse", seed=1, width=width, height=height,
                                             steps=args.e2e_steps, batch_size=args.batch_size), model.name,
                           model.info.native_size)
-        pipeline = GenerationPipeline(model, Fixed())
+        pipeline = make_pipeline(model, Fixed())
         pipeline(replace(request, steps=1))  # warm: text encoder load, first-call allocations
         start = time.perf_counter()
         pipeline(request)

@@ -9,9 +9,9 @@ loaded, served and tested without a model, and ``dts-util test`` starts fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:
     from dts_util.models.store import ModelStore
@@ -86,6 +86,13 @@ class GenerationRequest:
     negative_crop_left: int = 0
     negative_target_width: int = 0
     negative_target_height: int = 0
+    # Guidance-distilled models (FLUX.1 [dev]): cfg_scale is their guidance embedding; true CFG with the negative
+    # prompt runs at true_cfg_scale (0 or <= 1: none). SD models ignore both.
+    true_cfg_scale: float = 0.0
+    shift: float = 0.0  # flow-matching models: a fixed sigma shift (0 = the model's, resolution-dependent where it is)
+    # The Draw Things app's guidance embedding: for guidance-distilled models it takes cfg_scale's place (the app's
+    # own guidance then drives true CFG). Not a field of the seed protocol, whose cfg_scale is that guidance.
+    guidance_embed: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -103,9 +110,15 @@ class ModelDescription:
     """What a client's model browser needs to know about a servable model, read from its configs."""
 
     name: str
-    family: str  # "sd1", "sd2" or "sdxl"
+    family: str  # the family's label: "sd1", "sd2", "sdxl", "flux1", ...
     native_size: int  # pixels per side
     inpainting: bool  # a dedicated inpainting model (9-channel UNet)
+    # The Draw Things app's model specification fields ("version", "modifier", ...), from the family.
+    app_spec: Mapping[str, object] = field(default_factory=dict)
+    default_steps: int = 20
+    default_cfg_scale: float = 7.0
+    default_sampler: str = ""
+    size_multiple: int = 8
 
 
 @dataclass(frozen=True)

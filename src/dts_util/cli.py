@@ -460,6 +460,7 @@ class CfgChoice(str, Enum):
 
 class ComponentChoice(str, Enum):
     unet = "unet"
+    transformer = "transformer"
     vae_decoder = "vae_decoder"
     vae_encoder = "vae_encoder"
 
@@ -497,8 +498,8 @@ def build_engines(
              "or AMX; fp32 otherwise.",
         rich_help_panel=BUILD)] = PrecisionChoice.auto,
     component: Annotated[Optional[list[ComponentChoice]], typer.Option(
-        help="Components to build; repeatable.", rich_help_panel=BUILD,
-        show_default="unet, vae_decoder and vae_encoder")] = None,
+        help="Components to build; repeatable (unet for SD models, transformer for FLUX).", rich_help_panel=BUILD,
+        show_default="the denoiser, vae_decoder and vae_encoder")] = None,
     cfg: Annotated[CfgChoice, typer.Option(help="UNet batches for guided (cfg_scale > 1), unguided, or both.",
                                            rich_help_panel=BUILD)] = CfgChoice.cfg,
     lora: Annotated[Optional[list[str]], typer.Option(
@@ -515,7 +516,7 @@ def build_engines(
     batch (from an ONNX export, or from the torch module for aotinductor), each validated against PyTorch before
     it is installed."""
     _setup_logging(LogLevel.warning, rich=True)
-    from dts_util.engines.builder import DEFAULT_COMPONENTS, parse_resolution, plan
+    from dts_util.engines.builder import parse_resolution, plan
     from dts_util.errors import DtsError, StartupError
 
     engines = engine_dir or default_engine_dir()
@@ -523,10 +524,11 @@ def build_engines(
         loaded = _open_model(model, model_path, engines)
         sizes = [parse_resolution(r) for r in resolution] if resolution else \
             [(loaded.info.native_size, loaded.info.native_size)]
-        components = tuple(c.value for c in component) if component else DEFAULT_COMPONENTS
+        components = tuple(c.value for c in component) if component else None
         if lora:
             loaded = loaded.with_loras(_resolve_build_loras(lora, model_path))
-            components = ("unet",)  # LoRAs change the UNet only: the base VAE decoder engines serve them too
+            # LoRAs change the denoiser only: the base VAE engines serve them too
+            components = (loaded.family.denoiser,)
         with err.status("fingerprinting model weights…"):
             jobs = plan(loaded, engines, sizes, batch_size, backend.value, precision.value, components, cfg.value,
                         prompt_chunks=_parse_chunks(prompt_chunks))

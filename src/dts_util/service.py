@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, ModelDescription, Shape
 from dts_util.config import ServerConfig, check_dtype, resolve_device
-from dts_util.engines.components import UNET, VAE_DECODER, VAE_ENCODER, ComponentDescriptor
+from dts_util.engines.components import VAE_DECODER, VAE_ENCODER, ComponentDescriptor
 from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
 from dts_util.errors import RequestTooLarge
@@ -26,8 +26,9 @@ from dts_util.models.loader import LoadedModel, load_model, model_stamp
 from dts_util.metrics import observe_generation
 from dts_util.models.lora import resolve_loras
 from dts_util.models.store import ModelStore
-from dts_util.pipeline.components import Component, EagerUNet, EagerVaeDecoder, EagerVaeEncoder
+from dts_util.pipeline.components import Component, EagerVaeDecoder, EagerVaeEncoder
 from dts_util.pipeline.params import ResolvedRequest, check_text_fields, resolve
+from dts_util.pipeline.samplers import DEFAULT_SAMPLER
 
 if TYPE_CHECKING:
     from dts_util.engines.manager import EngineManager
@@ -36,16 +37,17 @@ log = logging.getLogger(__name__)
 
 
 class RequestComponents:
-    """Per-request choice of UNet / VAE decoder runners: an engine if one matches the shape, else eager.
+    """Per-request choice of denoiser / VAE runners: an engine if one matches the shape, else eager.
 
-    With LoRAs, the UNet comes from an engine built for that exact LoRA set, or runs eagerly with the
-    LoRAs switched on (``lora_unet`` does that for the request).
+    With LoRAs, the denoiser comes from an engine built for that exact LoRA set, or runs eagerly with the
+    LoRAs switched on (``lora_denoiser`` does that for the request).
     """
 
     def __init__(self, model: LoadedModel, engines: "EngineManager | None", compile_eager: bool,
-                 loras: tuple = (), lora_unet: Callable[[object], None] | None = None) -> None:
+                 loras: tuple = (), lora_denoiser: Callable[[object], None] | None = None) -> None:
         self.model, self.engines, self.compile_eager = model, engines, compile_eager
-        self.loras, self.lora_unet = loras, lora_unet
+        self.loras, self.lora_denoiser = loras, lora_denoiser
+        self.family = model.family
 
     def _pick(self, component: ComponentDescriptor, shape: Shape, eager: Callable[[str], Component],
               engine_model: LoadedModel | None = None) -> Component:
@@ -61,18 +63,20 @@ class RequestComponents:
         self.model.note_eager(component.name, component.weights)
         return eager(reason)
 
-    def unet(self, shape: Shape) -> Component:
+    def denoiser(self, shape: Shape) -> Component:
+        descriptor = self.family.components()[self.family.denoiser]
         if self.loras:
-            return self._pick(UNET, shape, self._eager_lora_unet, self.model.with_loras(self.loras))
-        return self._pick(UNET, shape, lambda why: EagerUNet(self._maybe_compile(self.model.unet()), why))
+            return self._pick(descriptor, shape, self._eager_lora_denoiser, self.model.with_loras(self.loras))
+        return self._pick(descriptor, shape, lambda why: self.family.eager_denoiser(
+            self._maybe_compile(self.model.denoiser()), why))
 
-    def _eager_lora_unet(self, why: str) -> Component:
-        module = self.model.unet()
-        if self.lora_unet is not None:
-            self.lora_unet(module)
+    def _eager_lora_denoiser(self, why: str) -> Component:
+        module = self.model.denoiser()
+        if self.lora_denoiser is not None:
+            self.lora_denoiser(module)
         # Engines built for other LoRA sets (or none) show up as stale here; what matters is that none
         # was built for this one.
-        return EagerUNet(module, "LoRA: no engine for this LoRA set" if why else "LoRA")
+        return self.family.eager_denoiser(module, "LoRA: no engine for this LoRA set" if why else "LoRA")
 
     def vae_decoder(self, shape: Shape) -> Component:
         return self._pick(VAE_DECODER, shape, lambda why: EagerVaeDecoder(self.model.vae(), why))
@@ -152,8 +156,11 @@ class ImageService:
         if cached is not None and cached[0] == stamp:
             return cached[1]
         info = inspect_model(name, path, self.config.engine_dir / "single-file-configs")
-        family = "sdxl" if info.family == "sdxl" else "sd2" if info.unet_config.get("use_linear_projection") else "sd1"
-        description = ModelDescription(name, family, info.native_size, info.inpainting)
+        family = info.model_family
+        defaults = family.defaults(info)
+        description = ModelDescription(name, family.label(info), info.native_size, info.inpainting,
+                                       family.app_spec(info), defaults.steps, defaults.cfg_scale,
+                                       defaults.sampler or DEFAULT_SAMPLER, defaults.size_multiple)
         with self._descriptions_lock:
             self._descriptions[name] = (stamp, description)
         return description
@@ -238,7 +245,9 @@ class ImageService:
         """
         check_text_fields(request)
         model = self.model(request.model)
-        resolved = resolve(request, model.name, model.info.native_size)
+        family = model.family
+        resolved = resolve(request, model.name, family.defaults(model.info))
+        resolved = replace(resolved, sampler=family.check_sampler(model.info, resolved.sampler))
         if not streamed:
             check_response_fits(resolved)
         if resolved.loras:
@@ -254,7 +263,7 @@ class ImageService:
         """
         from dts_util.pipeline.encode import (encode_images, event_strings, info_json, latent_preview,
                                              latent_preview_png)
-        from dts_util.pipeline.generation import EventLog, GenerationPipeline
+        from dts_util.pipeline.generation import EventLog
 
         events, on_preview = None, None
         if on_update is not None:
@@ -263,12 +272,12 @@ class ImageService:
 
             def on_preview(step: int, latents) -> None:
                 pending["png"] = (latent_preview(latents) if req.latent_previews
-                                  else latent_preview_png(latents, model.info.family))
+                                  else latent_preview_png(latents, model.family.latent_rgb))
 
         encoders = model.prompt_encoders().text_encoders
-        with model.lora_applier.applied(req.loras, encoders) as lora_unet:
-            components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_unet)
-            result = GenerationPipeline(model, components, should_stop, on_preview)(req, events)
+        with model.lora_applier.applied(req.loras, encoders) as lora_denoiser:
+            components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_denoiser)
+            result = model.family.pipeline(model, components, should_stop, on_preview)(req, events)
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
         source = f" init={req.init.source_size[0]}x{req.init.source_size[1]}" if req.init is not None else ""

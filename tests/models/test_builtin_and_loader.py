@@ -55,9 +55,9 @@ def test_incomplete_model_is_a_clear_error(tmp_path) -> None:
 
 
 def test_unsupported_pipeline_is_a_clear_error(tmp_path) -> None:
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(ModelLoadError, match="FluxPipeline pipeline; dts-util serves"):
-        inspect_model("flux", tmp_path)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    with pytest.raises(ModelLoadError, match="WanPipeline pipeline; dts-util serves .*FluxPipeline"):
+        inspect_model("wan", tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,13 @@ def tiny_sdxl(tmp_path_factory):
 def test_sdxl_loads_and_generates(tiny_sdxl) -> None:
     from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder
     from dts_util.pipeline.params import GenerationRequest, resolve
-    from dts_util.pipeline.generation import GenerationPipeline
+    from dts_util.pipeline.generation import make_pipeline
 
     model = load_model("tiny-sdxl", tiny_sdxl, "cpu")
     assert model.info.family == "sdxl" and len(model.prompt_encoders().text_encoders) == 2
 
     class Eager:
-        def unet(self, shape):
+        def denoiser(self, shape):
             return EagerUNet(model.unet())
 
         def vae_decoder(self, shape):
@@ -105,7 +105,7 @@ def test_sdxl_loads_and_generates(tiny_sdxl) -> None:
 
     request = resolve(GenerationRequest(prompt="a boat", seed=1, steps=2, width=128, height=64), model.name,
                       model.info.native_size)
-    result = GenerationPipeline(model, Eager())(request)
+    result = make_pipeline(model, Eager())(request)
     assert result.images[0].size == (128, 64)
 
 

@@ -51,7 +51,7 @@ def test_img2img_start_matches_diffusers_get_timesteps(steps: int, strength: flo
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.schedulers import DDIMScheduler
 
-    from dts_util.pipeline.generation import img2img_start_step
+    from dts_util.pipeline.params import img2img_start_step
 
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(steps)

@@ -36,7 +36,6 @@ from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 
 log = logging.getLogger(__name__)
 ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 6e-2}  # relative L2 against PyTorch fp32
-DEFAULT_COMPONENTS = ("unet", "vae_decoder", "vae_encoder")
 
 
 @dataclass
@@ -87,10 +86,11 @@ def unet_batches(batch_size: int, cfg: str) -> list[int]:
 
 
 def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]], batch_sizes: list[int],
-         backend_name: str = "auto", precision: str = "auto", components: tuple[str, ...] = DEFAULT_COMPONENTS,
+         backend_name: str = "auto", precision: str = "auto", components: tuple[str, ...] | None = None,
          cfg: str = "cfg", device: str | None = None, prompt_chunks: tuple[int, ...] = (1,)) -> list[BuildJob]:
     """Every engine the request asks for, each marked with whether it already exists and is valid.
 
+    ``components``: names of the model family's components (default: all of them).
     ``prompt_chunks``: UNet engines are built for prompts of each of these many 75-token chunks
     (text length 77 per chunk); longer prompts run eagerly unless their length has an engine.
     """
@@ -101,12 +101,12 @@ def plan(model: LoadedModel, engine_dir: Path, resolutions: list[tuple[int, int]
     info = device_info(device)
     scale = model.info.vae_scale_factor
     jobs, seen = [], set()
-    descriptors = [get_component(name) for name in components]
+    descriptors = [get_component(name, model.info) for name in (components or model.family.components())]
     for width, height in resolutions:
         for batch_size in batch_sizes:
             for component in descriptors:
                 batches = unet_batches(batch_size, cfg) if component.guided else [component.fixed_batch or batch_size]
-                lengths = [TOKENS_PER_CHUNK * n for n in prompt_chunks] if component.guided else [TOKENS_PER_CHUNK]
+                lengths = component.text_lengths(model.info, prompt_chunks)
                 for batch, text_length in ((b, t) for b in batches for t in lengths):
                     shape = Shape(height // scale, width // scale, batch, text_length)
                     if (component.name, shape) in seen:

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from dts_util.boundary import Shape
+from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 from dts_util.errors import InvalidRequest
 from dts_util.models.loader import LoadedModel, ModelInfo
 
 
 class ComponentDescriptor:
-    """Describes one component of any supported model family."""
+    """Describes one component of any supported model family (a family lists its own in ``components()``)."""
 
     name: str
     output_name: str
@@ -40,6 +40,11 @@ class ComponentDescriptor:
     def dynamic_axes(self, info: ModelInfo) -> dict[str, dict[int, str]]:
         """Batch and spatial axes stay symbolic in an ONNX file; engines fix them per shape."""
         raise NotImplementedError
+
+    def text_lengths(self, info: ModelInfo, prompt_chunks: tuple[int, ...]) -> list[int]:
+        """The text conditioning lengths to build engines for: 77 per CLIP prompt chunk where the component reads
+        text, else the one default length."""
+        return [TOKENS_PER_CHUNK * n for n in prompt_chunks] if self.guided else [TOKENS_PER_CHUNK]
 
     def input_shapes(self, info: ModelInfo, shape: Shape) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
@@ -89,7 +94,7 @@ class UNetComponent(ComponentDescriptor):
         spatial = {0: "batch", 2: "height", 3: "width"}
         axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "sequence"},
                 "noise_pred": spatial}
-        if info.family == "sdxl":
+        if _takes_size_conditioning(info):
             axes.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
         return axes
 
@@ -98,7 +103,7 @@ class UNetComponent(ComponentDescriptor):
         # An inpainting UNet's sample is the latents, the mask and the masked image's latents, stacked.
         shapes = {"sample": (b, info.unet_in_channels, h, w), "timestep": (b,),
                   "encoder_hidden_states": (b, shape.text_length, int(info.unet_config["cross_attention_dim"]))}
-        if info.family == "sdxl":
+        if _takes_size_conditioning(info):
             pooled = int(info.unet_config["projection_class_embeddings_input_dim"]) \
                 - 6 * int(info.unet_config["addition_time_embed_dim"])
             shapes.update({"text_embeds": (b, pooled), "time_ids": (b, 6)})
@@ -111,7 +116,7 @@ class UNetComponent(ComponentDescriptor):
         return {**super().free_dimensions(info, shape), "sequence": shape.text_length}
 
     def export_module(self, model: LoadedModel) -> torch.nn.Module:
-        return _UNetForExport(model.unet(), model.info.family == "sdxl").eval()
+        return _UNetForExport(model.denoiser(), _takes_size_conditioning(model.info)).eval()
 
     def representative_shape(self, info: ModelInfo) -> Shape:
         shape = super().representative_shape(info)
@@ -178,6 +183,11 @@ class VaeEncoderComponent(_VaeComponent):
         return _VaeEncoderForExport(model.vae()).eval()
 
 
+def _takes_size_conditioning(info: ModelInfo) -> bool:
+    """SDXL's UNet: pooled text embeddings and size conditioning ("text_time") beside the hidden states."""
+    return info.denoiser_config.get("addition_embed_type") == "text_time"
+
+
 class _UNetForExport(torch.nn.Module):
     def __init__(self, unet: Any, sdxl: bool) -> None:
         super().__init__()
@@ -212,7 +222,9 @@ COMPONENTS: dict[str, ComponentDescriptor] = {component.name: component
                                               for component in (UNET, VAE_DECODER, VAE_ENCODER)}
 
 
-def get_component(name: str) -> ComponentDescriptor:
-    if name not in COMPONENTS:
-        raise InvalidRequest(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
-    return COMPONENTS[name]
+def get_component(name: str, info: ModelInfo | None = None) -> ComponentDescriptor:
+    """Component ``name`` of ``info``'s family (of Stable Diffusion's when no model is given)."""
+    components = info.model_family.components() if info is not None else COMPONENTS
+    if name not in components:
+        raise InvalidRequest(f"unknown component {name!r}; choose from {', '.join(components)}")
+    return components[name]

@@ -120,8 +120,21 @@ def looks_like_checkpoint(path: Path) -> bool:
 
 
 def is_checkpoint(shapes: Shapes) -> bool:
-    """Whether the tensors are a whole Stable Diffusion model (not a LoRA, VAE or embedding)."""
+    """Whether the tensors are a whole model of some family dts-util serves (not a LoRA, VAE or embedding)."""
+    from dts_util.families import family_for_file
+
+    return family_for_file(shapes) is not None
+
+
+def is_stable_diffusion(shapes: Shapes) -> bool:
+    """Whether the tensors are a whole Stable Diffusion model in the original key layout."""
     return f"{UNET}input_blocks.0.0.weight" in shapes
+
+
+def refuse_unknown_file(shapes: Shapes, name: str) -> None:
+    """The error for a single file no family recognises."""
+    raise ModelLoadError(f"{quote(name)} is not a Stable Diffusion checkpoint or FLUX transformer (it has no "
+                         f"{UNET}* or double_blocks.* tensors); LoRA, VAE and text-encoder files are not models")
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,7 @@ class CheckpointArchitecture:
 
 def detect(shapes: Shapes, name: str) -> CheckpointArchitecture:
     """The architecture of checkpoint ``name`` from its shapes; refuses what dts-util cannot serve."""
-    if not is_checkpoint(shapes):
+    if not is_stable_diffusion(shapes):
         raise ModelLoadError(f"{quote(name)} is not a Stable Diffusion checkpoint (it has no "
                              f"{UNET}* tensors); LoRA, VAE and embedding files are not models")
     in_channels = shapes[f"{UNET}input_blocks.0.0.weight"][1]

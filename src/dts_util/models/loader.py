@@ -1,11 +1,11 @@
-"""Loading Stable Diffusion 1.x / 2.x and SDXL models: diffusers folders and single-file checkpoints.
+"""Loading models: diffusers folders and single files, for every family in ``families/``.
 
-This is the one path every model takes, the built-in one included: the real
-diffusers/transformers ``from_pretrained`` of each component folder, or, for a
-single ``.safetensors``/``.ckpt`` checkpoint, diffusers' ``from_single_file`` with
-a config folder built from the checkpoint's shapes (``checkpoint.py``), offline.
-Components load lazily and one at a time, because when a compiled engine serves
-the UNet the eager UNet must never be resident beside it.
+This is the one path every model takes, the built-in one included: the model's family
+(``families.family_for_index`` / ``family_for_file``) reads its configs, and loads each
+component with the real diffusers/transformers ``from_pretrained``, or, for single files,
+``from_single_file`` with a local config folder, offline. Components load lazily and one at
+a time, because when a compiled engine serves the denoiser the eager one must never be
+resident beside it.
 """
 
 from __future__ import annotations
@@ -16,36 +16,51 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from dts_util.errors import ModelLoadError
 from dts_util.client_text import for_log, quote
 from dts_util.models.store import read_json_file, read_model_index
 
+if TYPE_CHECKING:
+    from dts_util.families import ModelFamily
+
 log = logging.getLogger(__name__)
 
-SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                "OnnxStableDiffusionPipeline"}
-SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 # from_pretrained initialises on the meta device by patching torch.nn.Module globally
 # (accelerate's init_empty_weights), so two loads in two threads corrupt each other.
-_LOAD_LOCK = threading.Lock()
+LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What is known about a model folder without loading any weights."""
+    """What is known about a model without loading any weights."""
 
     name: str
     path: Path
-    family: str  # "sd" (1.x / 2.x) or "sdxl"
-    unet_config: dict
+    family: str  # a key of families.FAMILIES: "sd" (1.x / 2.x), "sdxl", "flux", ...
+    denoiser_config: dict  # the UNet's or transformer's config.json
     vae_config: dict
     scheduler_config: dict
-    # Single-file checkpoints: the diffusers config folder diffusers loads the file's weights into.
+    # Single files: the diffusers config folder their weights load into.
     config_dir: Path | None = None
     prediction_source: str = "model config"
+    # Single files: every component's file (a family whose parts live in separate files, e.g. ComfyUI's FLUX).
+    files: Mapping[str, Path] = field(default_factory=dict)
+    # The dtype of the denoiser's weights as stored ("bf16", "fp8_e4m3fn", ...; "" where unknown).
+    stored_dtype: str = ""
+
+    @property
+    def model_family(self) -> "ModelFamily":
+        from dts_util.families import get_family
+
+        return get_family(self.family)
+
+    @property
+    def unet_config(self) -> dict:
+        """The denoiser's config under the name SD code knows it by."""
+        return self.denoiser_config
 
     @property
     def single_file(self) -> bool:
@@ -61,8 +76,8 @@ class ModelInfo:
 
     @property
     def native_size(self) -> int:
-        """Pixel size the UNet was trained at (sample_size is in latent pixels)."""
-        return int(self.unet_config["sample_size"]) * self.vae_scale_factor
+        """Pixel size the model was trained at."""
+        return self.model_family.native_size(self)
 
     @property
     def latent_channels(self) -> int:
@@ -71,80 +86,36 @@ class ModelInfo:
 
     @property
     def unet_in_channels(self) -> int:
-        """The UNet's input channels: the latents, and for an inpainting UNet also the mask and the masked
-        image's latents (4 + 1 + 4 = 9)."""
-        return int(self.unet_config.get("in_channels", 4))
+        """The denoiser's input channels as its config states them."""
+        return int(self.denoiser_config.get("in_channels", self.latent_channels))
 
     @property
     def inpainting(self) -> bool:
         """A dedicated inpainting model, conditioned on a mask and the masked image besides the latents."""
-        return self.unet_in_channels == 2 * self.latent_channels + 1
-
-
-def inspect_checkpoint(name: str, path: Path, config_cache: Path) -> ModelInfo:
-    """Decide a single-file checkpoint's family, architecture and prediction type from its shapes and
-    sidecars, and build its config folder; reads no tensor data (a ``.ckpt`` is unpickled safely)."""
-    from dataclasses import replace
-
-    from dts_util.models import checkpoint
-
-    architecture = checkpoint.detect(checkpoint.cached_shapes(path), name)
-    kind, source, variant = checkpoint.prediction_type(path, architecture)
-    overrides = {**architecture.overrides, "scheduler": {"prediction_type": kind}}
-    folder = checkpoint.config_folder(replace(architecture, variant=variant, overrides=overrides), config_cache)
-    info = ModelInfo(
-        name=name, path=path, family="sdxl" if architecture.family == "sdxl" else "sd",
-        unet_config=read_json_file(folder / "unet" / "config.json", f"{name} (unet config)"),
-        vae_config=read_json_file(folder / "vae" / "config.json", f"{name} (vae config)"),
-        scheduler_config=read_json_file(folder / "scheduler" / "scheduler_config.json", f"{name} (scheduler)"),
-        config_dir=folder, prediction_source=source,
-    )
-    _check_sizes(info)
-    return info
+        return self.model_family.inpainting(self)
 
 
 def inspect_model(name: str, path: Path, config_cache: Path | None = None) -> ModelInfo:
     """Read a model's configs and decide its family; loads no weights."""
+    from dts_util.families import family_for_file, family_for_index, served_pipelines
+
     if path.is_file():
         if config_cache is None:
             raise ModelLoadError(f"model {quote(name)} is a single file, and no config cache was given")
-        return inspect_checkpoint(name, path, config_cache)
+        from dts_util.models.checkpoint import cached_shapes, refuse_unknown_file
+
+        shapes = cached_shapes(path)
+        family = family_for_file(shapes)
+        if family is None:
+            refuse_unknown_file(shapes, name)
+        return family.inspect_file(name, path, config_cache)
     index = read_model_index(path, name)
-    class_name = index.get("_class_name", "")
-    if class_name in SDXL_PIPELINES or "text_encoder_2" in index:
-        family = "sdxl"
-    elif class_name in SD_PIPELINES or "text_encoder" in index:
-        family = "sd"
-    else:
-        raise ModelLoadError(f"model {quote(name)} is a {for_log(class_name or 'unknown', 80)} pipeline; "
-                             "dts-util serves "
-                             "Stable Diffusion 1.x/2.x and SDXL models in the diffusers layout")
-    for part in ("unet", "vae", "scheduler", "tokenizer", "text_encoder"):
-        if not (path / part).is_dir():
-            raise ModelLoadError(f"model {quote(name)} has no {part}/ folder; is the diffusers layout complete?")
-    info = ModelInfo(
-        name=name, path=path, family=family,
-        unet_config=read_json_file(path / "unet" / "config.json", f"{name}/unet/config.json"),
-        vae_config=read_json_file(path / "vae" / "config.json", f"{name}/vae/config.json"),
-        scheduler_config=read_json_file(path / "scheduler" / "scheduler_config.json",
-                                        f"{name}/scheduler/scheduler_config.json"),
-    )
-    _check_sizes(info)
-    return info
-
-
-def _check_sizes(info: ModelInfo) -> None:
-    """The config values every request needs, checked once here rather than failing mid-request."""
-    try:
-        if info.native_size <= 0 or info.latent_channels <= 0:
-            raise ValueError
-        if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
-            raise ModelLoadError(f"model {quote(info.name)}: its UNet takes {info.unet_in_channels} input channels; "
-                                 f"dts-util serves text-to-image UNets ({info.latent_channels}) and inpainting "
-                                 f"UNets ({2 * info.latent_channels + 1})")
-    except (KeyError, TypeError, ValueError):
-        raise ModelLoadError(f"model {quote(info.name)}: {info.name}/unet/config.json needs a positive sample_size "
-                             f"and {info.name}/vae/config.json a block_out_channels list; fix those files") from None
+    family = family_for_index(index)
+    if family is None:
+        class_name = index.get("_class_name", "") or "unknown"
+        raise ModelLoadError(f"model {quote(name)} is a {for_log(class_name, 80)} pipeline; dts-util serves "
+                             f"{', '.join(served_pipelines())} models in the diffusers layout")
+    return family.inspect_folder(name, path, index)
 
 
 def model_stamp(path: Path) -> tuple:
@@ -218,7 +189,8 @@ def _save_fingerprints(cache_file: Path, cache: dict) -> None:
 
 @dataclass
 class PromptEncoders:
-    """Tokenizers and text encoders: one pair for SD, two for SDXL."""
+    """Tokenizers and text encoders, in the order the family's pipeline reads them (SD: one pair; SDXL, FLUX:
+    two)."""
 
     tokenizers: list[Any]
     text_encoders: list[Any]
@@ -268,12 +240,16 @@ class LoadedModel:
         return replace(self, loras=tuple(loras), _parts={}, _lock=threading.RLock(), _eager_users={})
 
     @property
+    def family(self) -> "ModelFamily":
+        return self.info.model_family
+
+    @property
     def lora_applier(self):
         from dts_util.models.lora import LoraApplier
 
         with self._lock:
             if "lora_applier" not in self._parts:
-                self._parts["lora_applier"] = LoraApplier(self.info.family)
+                self._parts["lora_applier"] = LoraApplier(self.family.lora_format(self.info))
             return self._parts["lora_applier"]
 
     def _load(self, key: str, loader) -> Any:
@@ -284,55 +260,50 @@ class LoadedModel:
                     self._parts[key] = loader()
                 except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
                     # Loader messages name absolute paths; clients see the model's own name instead.
-                    detail = str(exc).replace(str(self.info.path), self.name)
+                    detail = str(exc)
+                    for path in {self.info.path, *self.info.files.values()}:
+                        detail = detail.replace(str(path), self.name)
                     raise ModelLoadError(f"cannot load {key} of model {quote(self.name)}: "
                                          f"{for_log(detail)}") from exc
             return self._parts[key]
 
-    def _from_pretrained(self, cls, subfolder: str, dtype: Any = None) -> Any:
-        _quiet_hf_progress()
+    def from_pretrained(self, cls, subfolder: str, dtype: Any = None, file: Path | None = None) -> Any:
+        """Component ``subfolder`` of this model: from its diffusers folder, or from a single file (this model's,
+        or ``file``) with the config in ``config_dir/subfolder``; on this model's device, for inference."""
+        quiet_hf_progress()
         dtype = dtype or self.dtype
-        with _LOAD_LOCK:
+        with LOAD_LOCK:
             if self.info.single_file:
-                module = cls.from_single_file(str(self.info.path), config=str(self.info.config_dir),
+                source = file or self.info.path
+                module = cls.from_single_file(str(source), config=str(self.info.config_dir),
                                               subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
             else:
                 module = cls.from_pretrained(self.info.path, subfolder=subfolder, torch_dtype=dtype,
                                              local_files_only=True)
+        return self.prepare_module(module, subfolder)
+
+    def prepare_module(self, module: Any, part: str) -> Any:
+        """A freshly loaded module on this model's device, in inference mode (channels-last for convolutions)."""
         module = module.to(self.device).eval().requires_grad_(False)
-        if self.channels_last and subfolder in ("unet", "vae"):
+        if self.channels_last and part in ("unet", "vae"):
             import torch
 
             module = module.to(memory_format=torch.channels_last)
         return module
 
-    def _single_file_text_encoders(self) -> list[Any]:
-        """A checkpoint's text encoders, through the pipeline-level loader (the models themselves have no
-        single-file loader); the UNet and VAE are skipped here and load on their own when needed."""
-        import diffusers
-
-        _quiet_hf_progress()
-        pipeline_class = diffusers.StableDiffusionXLPipeline if self.info.family == "sdxl" \
-            else diffusers.StableDiffusionPipeline
-        skip = {"unet": None, "vae": None, "scheduler": None}
-        if self.info.family != "sdxl":
-            skip.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        with _LOAD_LOCK:
-            pipeline = pipeline_class.from_single_file(str(self.info.path), config=str(self.info.config_dir),
-                                                       torch_dtype=self.dtype, local_files_only=True, **skip)
-        names = ["text_encoder", "text_encoder_2"] if self.info.family == "sdxl" else ["text_encoder"]
-        return [getattr(pipeline, n).to(self.device).eval().requires_grad_(False) for n in names]
-
-    def unet(self) -> Any:
-        from diffusers import UNet2DConditionModel
-
+    def denoiser(self) -> Any:
+        """The eager denoiser (UNet or transformer), with this model's fused LoRA set switched on."""
         def load() -> Any:
-            module = self._from_pretrained(UNet2DConditionModel, "unet")
+            module = self.family.load_denoiser(self)
             if self.loras:
                 self.lora_applier.activate(self.loras, module, [])
             return module
 
-        return self._load("unet", load)
+        return self._load(self.family.denoiser, load)
+
+    def unet(self) -> Any:
+        """The denoiser under the name SD code and tools know it by."""
+        return self.denoiser()
 
     @property
     def vae_dtype(self) -> Any:
@@ -345,9 +316,7 @@ class LoadedModel:
         return self.dtype
 
     def vae(self) -> Any:
-        from diffusers import AutoencoderKL
-
-        return self._load("vae", lambda: self._from_pretrained(AutoencoderKL, "vae", self.vae_dtype))
+        return self._load("vae", lambda: self.family.load_vae(self))
 
     def note_eager(self, component: str, weights: str) -> None:
         """``component`` ran eagerly on ``weights``: an engine of another component must not unload them."""
@@ -379,24 +348,10 @@ class LoadedModel:
             _empty_device_cache(self.device)
 
     def prompt_encoders(self) -> PromptEncoders:
-        def load() -> PromptEncoders:
-            from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-            folder = self.info.config_dir or self.info.path  # tokenizers: shipped with the configs, or the model's
-            subfolders = ["tokenizer", "tokenizer_2"] if self.info.family == "sdxl" else ["tokenizer"]
-            tokenizers = [AutoTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True)
-                          for sub in subfolders]
-            if self.info.single_file:
-                return PromptEncoders(tokenizers, self._single_file_text_encoders())
-            encoders = [self._from_pretrained(CLIPTextModel, "text_encoder")]
-            if self.info.family == "sdxl":
-                encoders.append(self._from_pretrained(CLIPTextModelWithProjection, "text_encoder_2"))
-            return PromptEncoders(tokenizers, encoders)
-
-        return self._load("text_encoders", load)
+        return self._load("text_encoders", lambda: self.family.load_prompt_encoders(self))
 
 
-def _quiet_hf_progress() -> None:
+def quiet_hf_progress() -> None:
     """Weight-loading progress bars belong in a terminal, not in the server's one-line-per-record log."""
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -415,11 +370,14 @@ def _empty_device_cache(device: str) -> None:
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
-def default_dtype(device: str, dtype: str = "auto") -> Any:
-    """The torch dtype of eager weights: ``auto`` is fp16 on CUDA and fp32 on the CPU."""
+def default_dtype(device: str, dtype: str = "auto", info: ModelInfo | None = None) -> Any:
+    """The torch dtype of eager weights: ``auto`` is the model family's choice (SD: fp16 on CUDA and fp32 on the
+    CPU; FLUX: bf16 on CUDA and its weights' own width on the CPU)."""
     import torch
 
     if dtype == "auto":
+        if info is not None:
+            return info.model_family.auto_dtype(info, device)
         return torch.float16 if device.startswith("cuda") else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
@@ -437,5 +395,6 @@ def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | Non
 
         config_cache = (fingerprint_cache.parent if fingerprint_cache is not None
                         else Path(tempfile.gettempdir()) / "dts-util") / "single-file-configs"
-    return LoadedModel(inspect_model(name, path, config_cache), device, default_dtype(device, dtype), fingerprint_cache,
+    info = inspect_model(name, path, config_cache)
+    return LoadedModel(info, device, default_dtype(device, dtype, info), fingerprint_cache,
                        channels_last=channels_last)

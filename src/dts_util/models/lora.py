@@ -15,6 +15,7 @@ fixed LoRA set (``build-engines --lora file:weight``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import struct
@@ -23,10 +24,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from dts_util.client_text import quote
 from dts_util.errors import DtsError, ModelLoadError, ModelNotFound
+
+if TYPE_CHECKING:
+    from dts_util.families.base import LoraFormat
 
 log = logging.getLogger(__name__)
 
@@ -119,26 +123,32 @@ def lora_set_fingerprint(model_fingerprint: str, loras: tuple[ResolvedLora, ...]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _loader_class(family: str):
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+def _loader_class(name: str):
+    import diffusers.loaders
 
-    return StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
+    return getattr(diffusers.loaders, name)
 
 
 class LoraApplier:
     """Loads LoRA files into a model's eager modules as adapters, and switches them per request.
 
     Args:
-        family: "sd" or "sdxl" (which text encoders a LoRA may touch).
+        lora_format: the model family's LoRA loader (which key layouts it reads, which text encoders a LoRA
+            may touch).
     """
 
-    def __init__(self, family: str) -> None:
-        self.family = family
+    def __init__(self, lora_format: "LoraFormat") -> None:
+        self.format = lora_format
         self._lock = threading.Lock()
 
     def _state_dict(self, lora: ResolvedLora) -> tuple[dict, Any]:
         try:
-            state_dict, alphas = _loader_class(self.family).lora_state_dict(str(lora.path))[:2]
+            loader = _loader_class(self.format.loader)
+            # FLUX's loader returns the alphas (kohya files carry them) only when asked; SD's always does.
+            extra = {"return_alphas": True} if "return_alphas" in inspect.signature(loader.lora_state_dict).parameters \
+                else {}
+            loaded = loader.lora_state_dict(str(lora.path), **extra)
+            state_dict, alphas = loaded[:2] if isinstance(loaded, tuple) else (loaded, None)
         except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
             raise ModelLoadError(f"LoRA {quote(lora.name)} cannot be read as a LoRA for this model "
                                  f"({type(exc).__name__}); is it for another model family?") from None
@@ -149,7 +159,7 @@ class LoraApplier:
         pending = [m for m in [unet, *text_encoders] if m is not None and lora.adapter not in _adapters(m)]
         if not pending:
             return
-        cls = _loader_class(self.family)
+        cls = _loader_class(self.format.loader)
         state_dict, alphas = self._state_dict(lora)
         with warnings.catch_warnings():
             # Several adapters in one module is the design here (each LoRA file is one, switched per request).
@@ -162,13 +172,14 @@ class LoraApplier:
         try:
             if unet is not None and unet in pending:
                 _evict_if_full(unet)
-                cls.load_lora_into_unet(state_dict, alphas, unet, adapter_name=lora.adapter)
+                getattr(cls, self.format.denoiser_method)(state_dict, alphas, unet, adapter_name=lora.adapter)
                 _adapters(unet)[lora.adapter] = True
             for index, encoder in enumerate(text_encoders):
                 if encoder not in pending:
                     continue
-                prefix = "text_encoder" if index == 0 else "text_encoder_2"
-                has_keys = any(k.startswith(f"{prefix}.") for k in state_dict)
+                prefixes = self.format.text_encoder_prefixes
+                prefix = prefixes[index] if index < len(prefixes) else ""
+                has_keys = bool(prefix) and any(k.startswith(f"{prefix}.") for k in state_dict)
                 if has_keys:
                     _evict_if_full(encoder)
                     cls.load_lora_into_text_encoder(state_dict, alphas, encoder, prefix=prefix,

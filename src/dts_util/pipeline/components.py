@@ -1,7 +1,8 @@
 """The hot components as named-input callables, so the loop never knows who runs them.
 
-The denoising loop calls ``unet(sample=..., timestep=..., encoder_hidden_states=...)``,
-``vae_decoder(latent=...)`` and, for img2img and inpainting, ``vae_encoder(image=...)``,
+The denoising loop calls the denoiser (SD's ``unet(sample=..., timestep=..., encoder_hidden_states=...)``,
+FLUX's ``transformer(hidden_states=..., ...)``), ``vae_decoder(latent=...)`` and, for img2img and
+inpainting, ``vae_encoder(image=...)``,
 and gets a torch tensor back. Eager PyTorch modules
 and compiled engines (``engines/runtime.py``) both fit this shape; each says which
 backend it is and, when it is a fallback, why.
@@ -26,7 +27,7 @@ class Component(Protocol):
 class ComponentProvider(Protocol):
     """Hands the pipeline a runner for each component at each shape (per request, per pass)."""
 
-    def unet(self, shape: Shape) -> Component: ...
+    def denoiser(self, shape: Shape) -> Component: ...
 
     def vae_decoder(self, shape: Shape) -> Component: ...
 

@@ -190,16 +190,6 @@ def event_strings(result: GenerationResult) -> list[str]:
     return [json.dumps(event) for event in result.events]
 
 
-# Linear latent -> RGB approximations (the factors ComfyUI and A1111 use for fast previews): a
-# preview costs a 4x3 matrix product instead of a VAE decode.
-LATENT_RGB = {
-    "sd": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
-            [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
-    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
-              [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
-}
-
-
 def latent_preview(latents) -> LatentPreview:
     """The first image's latents as they are (fp16, NHWC): a bounded copy off the device, no decode."""
     import torch
@@ -209,11 +199,14 @@ def latent_preview(latents) -> LatentPreview:
     return LatentPreview(height, width, channels, latent.numpy().astype("<f2").tobytes())
 
 
-def latent_preview_png(latents, family: str) -> bytes | None:
-    """A small PNG (latent resolution) of the first image's current latents; None for other latent widths."""
+def latent_preview_png(latents, latent_rgb: tuple | None) -> bytes | None:
+    """A small PNG (latent resolution) of the first image's current latents through the family's linear
+    latent -> RGB factors (a matrix product instead of a VAE decode); None without factors for this width."""
     import torch
 
-    factors, bias = LATENT_RGB.get(family, LATENT_RGB["sd"])
+    if latent_rgb is None:
+        return None
+    factors, bias = latent_rgb
     latent = latents[0].detach().float().cpu()
     if latent.shape[0] != len(factors):
         return None

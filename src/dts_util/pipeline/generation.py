@@ -1,19 +1,20 @@
-"""Text to image, image to image and inpainting, top to bottom, in one loop.
+"""Text to image, image to image and inpainting, top to bottom, in one loop shared by every model family.
 
 Encode the prompt; for img2img and inpainting, encode the input image once; then
 per pass: start latents (noise, or the image's latents noised to where
 ``denoising_strength`` starts), denoise, (high-res fix), decode, and for
 inpainting paste the input back over what the mask keeps. The semantics are
-diffusers' own (``StableDiffusionImg2ImgPipeline``, ``StableDiffusionInpaintPipeline``
-and their SDXL versions): ``get_timesteps``' step count, the order in which each
-seeded generator is drawn from, latent masking for text-to-image UNets and the
-mask and masked image as extra UNet input for inpainting UNets, so the same
-weights, seed and sampler give the same image.
+diffusers' own: ``get_timesteps``' step count, the order in which each seeded
+generator is drawn from, latent masking for models without an inpainting input,
+so the same weights, seed and sampler give the same image.
 
-The loop is backend-agnostic: the UNet and the VAE decoder and encoder come
-from a ``ComponentProvider`` per shape, so the same code runs eager PyTorch,
-ONNX Runtime, OpenVINO, AOTInductor or TensorRT, and the high-res second pass
-may run on another engine than the first.
+What differs between families (prompt encoding, the scheduler and its timesteps,
+how a step calls the denoiser and applies guidance) is a subclass in the family's
+module (``families/``); ``DenoisingPipeline`` is the loop they share. The loop is
+backend-agnostic: the denoiser and the VAE decoder and encoder come from a
+``ComponentProvider`` per shape, so the same code runs eager PyTorch, ONNX Runtime,
+OpenVINO, AOTInductor or TensorRT, and the high-res second pass may run on another
+engine than the first.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from dts_util.models.loader import LoadedModel
 from dts_util.pipeline.components import Component, ComponentProvider, describe_backend
 from dts_util.pipeline.images import InputImages
 from dts_util.pipeline.noise import initial_noise
-from dts_util.pipeline.params import ResolvedRequest, img2img_start_step
-from dts_util.pipeline.prompts import TokenChunks, pad_to_chunks, tokenize_chunks
-from dts_util.pipeline.samplers import make_scheduler, set_schedule, step_accepts_generator
+from dts_util.pipeline.params import ResolvedRequest
+from dts_util.pipeline.samplers import step_accepts_generator
 
 
 class EventLog:
@@ -73,7 +73,7 @@ class PromptEmbeddings:
     """Text conditioning for one pass, already repeated to the pass's batch (uncond first with CFG)."""
 
     hidden_states: torch.Tensor
-    text_embeds: torch.Tensor | None = None  # SDXL pooled embeddings
+    text_embeds: torch.Tensor | None = None  # pooled embeddings (SDXL, FLUX)
     token_counts: dict[str, int] = field(default_factory=dict)  # text tokens of prompt and negative prompt
     chunks: int = 1
 
@@ -94,28 +94,34 @@ class EncodedImage:
 
 @dataclass
 class StartState:
-    """What a sampling pass starts from, and what each of its steps adds besides the UNet's prediction."""
+    """What a sampling pass starts from, and what each of its steps adds besides the denoiser's prediction."""
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     noise: torch.Tensor
     denoising_steps: int
-    kept_latents: torch.Tensor | None = None  # inpainting, text-to-image UNet: put back outside the mask each step
+    kept_latents: torch.Tensor | None = None  # inpainting without an inpainting model: put back outside the mask
     mask: torch.Tensor | None = None
-    unet_condition: torch.Tensor | None = None  # inpainting UNet: mask and masked image's latents, per CFG branch
+    condition: torch.Tensor | None = None  # an inpainting model's extra input: the mask and masked image's latents
 
 
 def never_stop() -> bool:
     return False
 
 
-class GenerationPipeline:
+def make_pipeline(model: LoadedModel, components: ComponentProvider, should_stop: Callable[[], bool] = never_stop,
+                  on_preview: Callable[[int, torch.Tensor], None] | None = None) -> "DenoisingPipeline":
+    """The pipeline of ``model``'s family."""
+    return model.family.pipeline(model, components, should_stop, on_preview)
+
+
+class DenoisingPipeline:
     """Generates a ``ResolvedRequest`` (txt2img, img2img or inpainting) with ``model``'s text encoders and
-    ``components``' UNet and VAE.
+    ``components``' denoiser and VAE; a family's subclass fills in the family-specific steps.
 
     Args:
         model: the loaded model (tokenizers, text encoders, configs).
-        components: picks the UNet and VAE decoder/encoder runner per shape.
+        components: picks the denoiser and VAE decoder/encoder runner per shape.
         should_stop: polled between steps; True raises GenerationCancelled.
     """
 
@@ -127,6 +133,8 @@ class GenerationPipeline:
         self.device, self.dtype = model.device, model.dtype
         self.vae_scale = model.info.vae_scale_factor
         self.scaling = float(model.info.vae_config.get("scaling_factor", 0.18215))
+        self.shift = float(model.info.vae_config.get("shift_factor") or 0.0)  # FLUX's VAE centres its latents
+        self.denoiser_name = model.family.denoiser
 
     def __call__(self, req: ResolvedRequest, events: EventLog | None = None) -> GenerationResult:
         events = events or EventLog()
@@ -163,7 +171,7 @@ class GenerationPipeline:
         strength = req.denoising_strength if image is not None else 1.0
         with timer("sampling"):
             latents = self.sample(req, embeddings, seeds, generators, req.width, req.height, strength, events=events,
-                                  event="sampling", backends=backends, backend_key="unet", image=image,
+                                  event="sampling", backends=backends, backend_key=self.denoiser_name, image=image,
                                   result=result)
         # 5. High-res fix: upscale the latents, then an img2img pass at denoising_strength.
         if req.enable_hr:
@@ -173,7 +181,7 @@ class GenerationPipeline:
             with timer("second_pass_sampling"):
                 latents = self.sample(req, embeddings, seeds, generators, width, height, req.denoising_strength,
                                       events=events, event="secondPassSampling", backends=backends,
-                                      backend_key="unet_second_pass", initial=latents)
+                                      backend_key=f"{self.denoiser_name}_second_pass", initial=latents)
         # 6. Decode to pixels.
         with timer("decode"):
             images = self.decode(latents, backends)
@@ -192,7 +200,7 @@ class GenerationPipeline:
             pixel_mask = mask_to_tensor(init.mask).to(self.device)
             latent_size = (pixels.shape[2] // self.vae_scale, pixels.shape[3] // self.vae_scale)
             encoded.mask = torch.nn.functional.interpolate(pixel_mask, size=latent_size).to(self.dtype)
-            if self.model.info.inpainting:
+            if self.model.info.inpainting:  # a dedicated inpainting model reads the masked image
                 encoded.masked_moments = self._encode(pixels * (pixel_mask < 0.5), backends)
         return encoded
 
@@ -203,95 +211,63 @@ class GenerationPipeline:
         return encoder(image=pixels).float()
 
     def encode_prompt(self, req: ResolvedRequest) -> PromptEmbeddings:
-        """Prompts -> hidden states (and SDXL's pooled embeddings), uncond stacked before cond for CFG.
+        """The request's prompts as the family's denoiser reads them (negative branch first when it runs one)."""
+        raise NotImplementedError
 
-        Each prompt is read in 75-token chunks with A1111 emphasis (``prompts.py``); a prompt
-        and its negative are padded to the same number of chunks.
-        """
-        encoders = self.model.prompt_encoders()
-        texts = [req.negative_prompt, req.prompt] if req.use_cfg else [req.prompt]
-        per_encoder = [[tokenize_chunks(tok, text) for text in texts] for tok in encoders.tokenizers]
-        chunks = max(len(c.ids) for tokenized in per_encoder for c in tokenized)
-        hidden, pooled = [], []
-        for index in range(len(texts)):
-            states, text_pooled = self._encode_chunks(
-                encoders, [pad_to_chunks(t[index], chunks, tokenize_chunks(tok, "")) for t, tok in
-                           zip(per_encoder, encoders.tokenizers)], req.clip_skip)
-            hidden.append(states)
-            pooled.append(text_pooled)
-        counts = {"prompt": per_encoder[0][-1].token_count}
-        if req.use_cfg:
-            counts["negative_prompt"] = per_encoder[0][0].token_count
-        dropped = max(t.dropped for t in per_encoder[0])
-        if dropped:
-            counts["not_read"] = dropped  # past MAX_CHUNKS chunks
-        if req.use_cfg and req.zero_negative_prompt and not req.negative_prompt.strip():
-            # diffusers' force_zeros_for_empty_prompt: an empty negative prompt conditions on zeros
-            hidden[0] = torch.zeros_like(hidden[0])
-            pooled[0] = None if pooled[0] is None else torch.zeros_like(pooled[0])
-        hidden_states = torch.cat([h.repeat(req.batch_size, 1, 1) for h in hidden])
-        text_embeds = None
-        if self.model.info.family == "sdxl":
-            text_embeds = torch.cat([p.repeat(req.batch_size, 1) for p in pooled])
-        return PromptEmbeddings(hidden_states, text_embeds, counts, chunks)
+    def make_scheduler(self, req: ResolvedRequest, width: int, height: int) -> Any:
+        """A fresh scheduler for one pass, its timesteps set for ``req.steps`` steps at this size."""
+        raise NotImplementedError
 
-    @torch.inference_mode()
-    def _encode_chunks(self, encoders: Any, tokenized: list[TokenChunks],
-                       clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One prompt's chunks through every text encoder: (1, 77 x chunks, width) and SDXL's pooled vector."""
-        widths, pooled = [], None
-        for chunks, encoder in zip(tokenized, encoders.text_encoders):
-            ids = torch.tensor(chunks.ids, device=self.device)
-            out = encoder(ids, output_hidden_states=True)
-            if self.model.info.family == "sdxl":
-                # SDXL conditions on the penultimate layer of both encoders (clip skip counts on from
-                # there), pooled from the second encoder's first chunk.
-                states = out.hidden_states[-1 - clip_skip]
-                pooled = out[0][:1]
-            elif clip_skip > 1:
-                # transformers 5 flattened CLIPTextModel: the final norm may sit on the model itself
-                final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
-                states = final_norm(out.hidden_states[-clip_skip])
-            else:
-                states = out[0]
-            widths.append(_apply_weights(states, torch.tensor(chunks.weights, device=self.device)))
-        hidden = torch.cat(widths, dim=-1)  # (chunks, 77, width)
-        return hidden.reshape(1, -1, hidden.shape[-1]).to(self.dtype), pooled
+    def first_step(self, steps: int, strength: float) -> int:
+        """The first of ``steps`` steps an image-to-image pass at ``strength`` runs (the family's pipelines'
+        ``get_timesteps``)."""
+        raise NotImplementedError
 
-    def _time_ids(self, req: ResolvedRequest, width: int, height: int) -> torch.Tensor:
-        """SDXL's (original size, crop top-left, target size) per image, negative branch first with CFG."""
-        branches = [req.negative_size_conditioning, req.size_conditioning] if req.use_cfg else [req.size_conditioning]
-        ids = torch.tensor([b.time_ids(width, height) for b in branches], dtype=self.dtype, device=self.device)
-        return ids.repeat_interleave(req.batch_size, dim=0)
+    def noise_to(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                 timestep: torch.Tensor) -> torch.Tensor:
+        """Clean ``latents`` noised to ``timestep``'s level with ``noise``, as the family's scheduler defines it."""
+        raise NotImplementedError
+
+    def denoiser_shape(self, req: ResolvedRequest, latents: torch.Tensor, embeddings: PromptEmbeddings) -> Shape:
+        """The static shape the denoiser runs at for these latents: the engine key."""
+        raise NotImplementedError
+
+    def step_inputs(self, req: ResolvedRequest, embeddings: PromptEmbeddings, start: "StartState", width: int,
+                    height: int) -> dict[str, Any]:
+        """What every step of a pass passes to ``denoise`` besides the latents and timestep."""
+        return {}
+
+    def denoise(self, denoiser: Component, scheduler: Any, latents: torch.Tensor, t: torch.Tensor,
+                inputs: dict[str, Any], req: ResolvedRequest) -> torch.Tensor:
+        """The guided model prediction at ``t`` (what ``scheduler.step`` takes)."""
+        raise NotImplementedError
+
+    def inpainting_condition(self, image: "EncodedImage | None", generators: list[torch.Generator], width: int,
+                             height: int, backends: dict[str, str]) -> torch.Tensor:
+        """A dedicated inpainting model's extra input (the mask and the masked image)."""
+        raise NotImplementedError
 
     def sample(self, req: ResolvedRequest, embeddings: PromptEmbeddings, seeds: list[int],
-               generators: list[torch.Generator], width: int, height: int, strength: float, *, events: EventLog, event: str,
-               backends: dict[str, str], backend_key: str, initial: torch.Tensor | None = None,
+               generators: list[torch.Generator], width: int, height: int, strength: float, *, events: EventLog,
+               event: str, backends: dict[str, str], backend_key: str, initial: torch.Tensor | None = None,
                image: EncodedImage | None = None, result: GenerationResult | None = None) -> torch.Tensor:
         """Run the sampler for ``steps`` (x ``strength`` when starting from ``initial`` latents or an input image)."""
-        scheduler = make_scheduler(req.sampler, self.model.info.scheduler_config)
-        set_schedule(scheduler, req.sampler, req.steps, self.model.info.family, self.device)
+        scheduler = self.make_scheduler(req, width, height)
         start = self._start(scheduler, req, strength, seeds, generators, width, height, initial, image, backends)
         if result is not None:
             result.denoising_steps = start.denoising_steps
         latents = start.latents
-
-        cfg_batch = 2 if req.use_cfg else 1
-        text_length = embeddings.hidden_states.shape[1]
-        unet = self.components.unet(Shape(latents.shape[2], latents.shape[3], latents.shape[0] * cfg_batch,
-                                          text_length))
-        backends[backend_key] = describe_backend(unet)
-        extra = self._unet_extras(req, embeddings, width, height)
-        condition = start.unet_condition
-        if condition is not None and req.use_cfg:
-            condition = torch.cat([condition] * 2)
+        denoiser = self.components.denoiser(self.denoiser_shape(req, latents, embeddings))
+        backends[backend_key] = describe_backend(denoiser)
+        inputs = self.step_inputs(req, embeddings, start, width, height)
         step_kwargs = {"generator": generators} if step_accepts_generator(scheduler) else {}
         for i, t in enumerate(start.timesteps):
             if self.should_stop():
                 raise GenerationCancelled("generation cancelled by the client")
-            latents = self._step(unet, scheduler, latents, t, embeddings, extra, req, step_kwargs, condition)
+            prediction = self.denoise(denoiser, scheduler, latents, t, inputs, req)
+            latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
             if start.kept_latents is not None:
-                latents = _keep_unmasked(scheduler, latents, start, i)
+                latents = self._keep_unmasked(scheduler, latents, start, i)
             if self.on_preview is not None and _preview_step(req, i, len(start.timesteps)):
                 self.on_preview(i + 1, latents)
             events.emit(event, step=i + 1, total=len(start.timesteps), backend=backends[backend_key])
@@ -304,79 +280,59 @@ class GenerationPipeline:
         image's latents, then the noise, then (inpainting) the masked image's latents."""
         timesteps = scheduler.timesteps
         inpaint = image is not None and image.mask is not None
+        inpainting_model = self.model.info.inpainting
         # diffusers' inpainting starts from pure noise at strength 1; img2img always noises the image.
         from_image = initial is not None or (image is not None and not (inpaint and strength >= 1.0))
         begin = 0
         if initial is not None or image is not None:  # diffusers' get_timesteps
-            begin = img2img_start_step(req.steps, strength)
+            begin = self.first_step(req.steps, strength)
             timesteps = timesteps[begin * scheduler.order:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(begin * scheduler.order)
         image_latents = None
-        if image is not None and (from_image or (inpaint and not self.model.info.inpainting)):
-            image_latents = self._sample_latents(image.moments, generators)
+        if image is not None and (from_image or (inpaint and not inpainting_model)):
+            image_latents = self.image_latents(image.moments, generators)
         shape = (len(generators), self.model.info.latent_channels, height // self.vae_scale, width // self.vae_scale)
         noise = torch.cat([initial_noise(req.seed_mode, seed, shape[1:], g)
                            for seed, g in zip(seeds, generators)]).to(self.device, self.dtype)
         source = initial if initial is not None else image_latents
-        latents = scheduler.add_noise(source, noise, timesteps[:1]) if from_image else noise * scheduler.init_noise_sigma
+        latents = self.noise_to(scheduler, source, noise, timesteps[:1]) if from_image \
+            else noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at sigma 1
         start = StartState(latents, timesteps, noise, req.steps - begin)
-        if inpaint and not self.model.info.inpainting:
+        if inpaint and not inpainting_model:
             # Latent masking; the masked image is still encoded and sampled by diffusers, so its draws are made too.
             _advance(generators, shape)
             start.kept_latents, start.mask = image_latents, image.mask.repeat(len(generators), 1, 1, 1)
-        elif self.model.info.inpainting:
-            start.unet_condition = self._inpainting_condition(image, generators, width, height, backends)
+        elif inpainting_model:
+            start.condition = self.inpainting_condition(image, generators, width, height, backends)
         return start
 
+    def _keep_unmasked(self, scheduler: Any, latents: torch.Tensor, start: StartState, index: int) -> torch.Tensor:
+        """Latent masking after step ``index``: outside the mask, the input's latents noised to the next step's
+        level (un-noised after the last step), as diffusers' inpainting pipelines do for models without a
+        dedicated inpainting input."""
+        kept = start.kept_latents
+        if index < len(start.timesteps) - 1:
+            kept = self.noise_to(scheduler, kept, start.noise, start.timesteps[index + 1:index + 2])
+        return (1 - start.mask) * kept + start.mask * latents
+
+    def image_latents(self, moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """The input image's latents for each image of a pass (diffusers' SD pipelines: each its own sample)."""
+        return self._sample_latents(moments, generators)
+
     def _sample_latents(self, moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """One latent sample per image, each from its own generator, scaled as the UNet expects."""
+        """One latent sample per image, each from its own generator, shifted and scaled as the denoiser expects."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         distribution = DiagonalGaussianDistribution(moments)
-        return (torch.cat([distribution.sample(generator=g) for g in generators]) * self.scaling).to(self.dtype)
-
-    def _inpainting_condition(self, image: EncodedImage | None, generators: list[torch.Generator], width: int,
-                              height: int, backends: dict[str, str]) -> torch.Tensor:
-        """An inpainting UNet's extra input: the mask and the masked image's latents. Without a mask
-        (txt2img, img2img) everything is repainted: a mask of ones and a grey image, as A1111 does."""
-        batch = len(generators)
-        if image is not None and image.mask is not None:
-            masked = self._sample_latents(image.masked_moments, generators)
-            mask = image.mask.repeat(batch, 1, 1, 1)
-        else:
-            grey = torch.zeros((1, 3, height, width), device=self.device)
-            mean = self._encode(grey, backends)[:, :self.model.info.latent_channels]
-            masked = (mean * self.scaling).to(self.dtype).repeat(batch, 1, 1, 1)
-            mask = torch.ones((batch, 1, *masked.shape[2:]), device=self.device, dtype=self.dtype)
-        return torch.cat([mask, masked], dim=1)
-
-    def _unet_extras(self, req: ResolvedRequest, embeddings: PromptEmbeddings, width: int,
-                     height: int) -> dict[str, torch.Tensor]:
-        if embeddings.text_embeds is None:
-            return {}
-        return {"text_embeds": embeddings.text_embeds, "time_ids": self._time_ids(req, width, height)}
-
-    def _step(self, unet: Component, scheduler: Any, latents: torch.Tensor, t: torch.Tensor,
-              embeddings: PromptEmbeddings, extra: dict, req: ResolvedRequest, step_kwargs: dict,
-              condition: torch.Tensor | None = None) -> torch.Tensor:
-        latent_in = torch.cat([latents] * 2) if req.use_cfg else latents
-        latent_in = scheduler.scale_model_input(latent_in, t)
-        if condition is not None:  # an inpainting UNet reads the mask and the masked image beside the latents
-            latent_in = torch.cat([latent_in, condition], dim=1)
-        timestep = t.to(torch.float32).expand(latent_in.shape[0]).to(self.device)
-        noise_pred = unet(sample=latent_in, timestep=timestep,
-                          encoder_hidden_states=embeddings.hidden_states, **extra)
-        if req.use_cfg:
-            uncond, cond = noise_pred.chunk(2)
-            noise_pred = uncond + req.cfg_scale * (cond - uncond)
-        return scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        sampled = torch.cat([distribution.sample(generator=g) for g in generators])
+        return ((sampled - self.shift) * self.scaling).to(self.dtype)
 
     def decode(self, latents: torch.Tensor, backends: dict[str, str]) -> list[Image.Image]:
         """Latents -> PIL images, through the VAE decoder runner for this shape."""
         decoder = self.components.vae_decoder(Shape(latents.shape[2], latents.shape[3], latents.shape[0]))
         backends["vae_decoder"] = describe_backend(decoder)
-        pixels = decoder(latent=latents / self.scaling)
+        pixels = decoder(latent=latents / self.scaling + self.shift)
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
 
@@ -388,24 +344,6 @@ def _preview_step(req: ResolvedRequest, index: int, total: int) -> bool:
     if req.latent_previews:
         return index % 2 == 1 or index > total // 2
     return bool(req.preview_every) and (index + 1) % req.preview_every == 0
-
-
-def _apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111 emphasis: scale each token's hidden state by its weight, then restore each chunk's mean."""
-    if bool((weights == 1.0).all()):
-        return states  # no emphasis: leave the encoder's output exactly as it is
-    weighted = states * weights[..., None].to(states.dtype)
-    original_mean = states.mean(dim=(1, 2), keepdim=True)
-    return weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
-
-
-def _keep_unmasked(scheduler: Any, latents: torch.Tensor, start: StartState, index: int) -> torch.Tensor:
-    """Latent masking after step ``index``: outside the mask, the input's latents noised to the next step's level
-    (un-noised after the last step), as diffusers' inpainting pipeline does for text-to-image UNets."""
-    kept = start.kept_latents
-    if index < len(start.timesteps) - 1:
-        kept = scheduler.add_noise(kept, start.noise, start.timesteps[index + 1:index + 2])
-    return (1 - start.mask) * kept + start.mask * latents
 
 
 def _advance(generators: list[torch.Generator], shape: tuple[int, ...]) -> None:

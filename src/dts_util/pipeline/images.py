@@ -92,9 +92,9 @@ def _check_pixels(field: str, size: tuple[int, int]) -> None:
                              f"and {MAX_INPUT_IMAGE_SIDE} pixels a side")
 
 
-def default_size(image_size: tuple[int, int]) -> tuple[int, int]:
-    """The generation size an image implies: its own, rounded down to the latent grid."""
-    return tuple(side - side % SIZE_MULTIPLE for side in image_size)  # type: ignore[return-value]
+def default_size(image_size: tuple[int, int], multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """The generation size an image implies: its own, rounded down to the model's size grid."""
+    return tuple(side - side % multiple for side in image_size)  # type: ignore[return-value]
 
 
 def read_input_images(init_image: bytes, mask: bytes, mask_blur: float) -> tuple[Image.Image, Image.Image | None]:

@@ -35,6 +35,23 @@ MAX_CLIP_SKIP = 12
 OUTPUT_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
 MAX_LORAS = 8
 MAX_LORA_WEIGHT = 10.0
+MAX_SHIFT = 100.0
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a request that leaves a value at 0 gets for a model (its family decides: ``families/``)."""
+
+    size: int  # pixels per side
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG  # the request's cfg_scale: CFG, or the distilled guidance (distilled_guidance)
+    sampler: str = ""  # "" = DEFAULT_SAMPLER
+    size_multiple: int = 8  # pixels: width and height must be multiples of this
+    strength: float = DEFAULT_STRENGTH  # img2img and inpainting
+    # cfg_scale is a guidance-distilled model's guidance embedding; true CFG is true_cfg_scale with the negative
+    # prompt.
+    distilled_guidance: bool = False
+    flow_matching: bool = False  # the sigma shift applies
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,12 @@ class ResolvedRequest:
     zero_negative_prompt: bool = False
     size_conditioning: SizeConditioning = SizeConditioning()
     negative_size_conditioning: SizeConditioning = SizeConditioning()
+    # Guidance-distilled models (FLUX.1 [dev]): cfg_scale is the guidance embedding; true CFG runs a negative
+    # branch at true_cfg_scale (> 1).
+    distilled_guidance: bool = False
+    true_cfg_scale: float = 1.0
+    shift: float = 0.0  # flow-matching models: the sigma shift (0 = the model's own, by resolution where it has one)
+    size_multiple: int = 8
 
     @property
     def mode(self) -> str:
@@ -105,6 +128,9 @@ class ResolvedRequest:
 
     @property
     def use_cfg(self) -> bool:
+        """Whether a negative branch runs: classifier-free guidance (true CFG for guidance-distilled models)."""
+        if self.distilled_guidance:
+            return self.true_cfg_scale > 1.0
         return self.cfg_scale > 1.0
 
     @property
@@ -117,12 +143,13 @@ class ResolvedRequest:
         """(width, height) of the PNGs: upscaled by the high-res fix when it is on."""
         if not self.enable_hr:
             return self.width, self.height
-        return hr_dimension(self.width, self.hr_scale), hr_dimension(self.height, self.hr_scale)
+        return (hr_dimension(self.width, self.hr_scale, self.size_multiple),
+                hr_dimension(self.height, self.hr_scale, self.size_multiple))
 
 
-def hr_dimension(size: int, scale: float) -> int:
-    """Size after the high-res upscale, rounded to the 8-pixel grid latents need."""
-    return int(round(size * scale / 8)) * 8
+def hr_dimension(size: int, scale: float, multiple: int = 8) -> int:
+    """Size after the high-res upscale, rounded to the model's size grid (8 pixels: SD's latents)."""
+    return int(round(size * scale / multiple)) * multiple
 
 
 def _finite(name: str, value: float) -> float:
@@ -131,10 +158,10 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
-def _check_size(name: str, value: int) -> None:
-    if value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
-        raise InvalidRequest(f"{name} is {value}; it must be a multiple of 8 in {MIN_SIZE}..{MAX_SIZE} "
-                             "(or 0 for the model's native size)")
+def _check_size(name: str, value: int, multiple: int = 8) -> None:
+    if value % multiple or not MIN_SIZE <= value <= MAX_SIZE:
+        raise InvalidRequest(f"{name} is {value}; it must be a multiple of {multiple} in {MIN_SIZE}..{MAX_SIZE} "
+                             "for this model (or 0 for the model's native size)")
 
 
 def _in_range(name: str, value: int, low: int, high: int, hint: str = "") -> None:
@@ -187,26 +214,28 @@ def _loras(req: GenerationRequest) -> tuple[str, tuple[LoraRequest, ...]]:
     return prompt, tuple(lora for lora in loras if lora.weight != 0)
 
 
-def _check_size_from_image(name: str, value: int, image_size: tuple[int, int]) -> None:
-    if value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
+def _check_size_from_image(name: str, value: int, image_size: tuple[int, int], multiple: int) -> None:
+    if value % multiple or not MIN_SIZE <= value <= MAX_SIZE:
         raise InvalidRequest(f"init_image is {image_size[0]}x{image_size[1]}, which makes the output {name} {value}; "
-                             f"send {name} as a multiple of 8 in {MIN_SIZE}..{MAX_SIZE} to resize the image to it")
+                             f"send {name} as a multiple of {multiple} in {MIN_SIZE}..{MAX_SIZE} to resize the image "
+                             "to it")
 
 
-def _sizes(req: GenerationRequest, native_size: int) -> tuple[int, int, tuple | None]:
+def _sizes(req: GenerationRequest, defaults: FamilyDefaults) -> tuple[int, int, tuple | None]:
     """(width, height, decoded input images or None): the image's own size is the default when one is sent."""
+    multiple = defaults.size_multiple
     if not (req.init_image or req.mask):
-        width, height = req.width or native_size, req.height or native_size
-        _check_size("width", width)
-        _check_size("height", height)
+        width, height = req.width or defaults.size, req.height or defaults.size
+        _check_size("width", width, multiple)
+        _check_size("height", height, multiple)
         return width, height, None
     image, mask = read_input_images(req.init_image, req.mask, req.mask_blur)
-    implied_width, implied_height = default_size(image.size)
+    implied_width, implied_height = default_size(image.size, multiple)
     for name, sent, implied in (("width", req.width, implied_width), ("height", req.height, implied_height)):
         if sent:
-            _check_size(name, sent)
+            _check_size(name, sent, multiple)
         else:
-            _check_size_from_image(name, implied, image.size)
+            _check_size_from_image(name, implied, image.size, multiple)
     return req.width or implied_width, req.height or implied_height, (image, mask)
 
 
@@ -227,38 +256,53 @@ def _size_conditioning(req: GenerationRequest) -> tuple[SizeConditioning, SizeCo
     return branch(""), branch("negative_")
 
 
-def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedRequest:
-    """Check ``req`` and fill its defaults for a model of ``native_size`` pixels (or, with an input image,
-    of that image's size)."""
+def resolve(req: GenerationRequest, model: str, defaults: FamilyDefaults | int) -> ResolvedRequest:
+    """Check ``req`` and fill its defaults for a model with these ``defaults`` (an int: an SD model of that native
+    size). Without a width and height, an input image's own size is the default."""
+    if isinstance(defaults, int):
+        defaults = FamilyDefaults(defaults)
     check_text_fields(req)
     if req.restore_faces:
         raise FeatureUnavailable("restore_faces was requested, but no face-restoration model is installed "
                                  "on this server; send restore_faces=false")
-    width, height, decoded = _sizes(req, native_size)
+    width, height, decoded = _sizes(req, defaults)
     if decoded is not None and req.enable_hr:
         raise InvalidRequest("enable_hr (the high-res fix) is for txt2img; with init_image, send the size you want "
                              "as width and height instead")
-    steps = req.steps or DEFAULT_STEPS
-    _in_range("steps", steps, 1, MAX_STEPS, " (or 0 for the default of 20)")
-    cfg = _finite("cfg_scale", req.cfg_scale) or DEFAULT_CFG
+    steps = req.steps or defaults.steps
+    _in_range("steps", steps, 1, MAX_STEPS, f" (or 0 for this model's default of {defaults.steps})")
+    cfg = _finite("cfg_scale", req.cfg_scale) or defaults.cfg_scale
+    if defaults.distilled_guidance and req.guidance_embed > 0:  # the app's guidance embedding
+        cfg = _finite("guidance_embed", req.guidance_embed)
     if not 0 <= cfg <= MAX_CFG:
         raise InvalidRequest(f"cfg_scale is {cfg}; it must be in 0..{MAX_CFG:g} (<= 1 turns guidance off)")
+    true_cfg = _finite("true_cfg_scale", req.true_cfg_scale) or 1.0
+    if not 0 <= true_cfg <= MAX_CFG:
+        raise InvalidRequest(f"true_cfg_scale is {true_cfg}; it must be in 0..{MAX_CFG:g} (<= 1: no true CFG)")
+    shift = _finite("shift", req.shift)
+    if not 0 <= shift <= MAX_SHIFT:
+        raise InvalidRequest(f"shift is {shift}; it must be in 0..{MAX_SHIFT:g} (0 = the model's own)")
+    if shift not in (0.0, 1.0) and not defaults.flow_matching:
+        raise FeatureUnavailable(f"shift {shift:g} applies to flow-matching models (FLUX); this model samples "
+                                 "its own noise schedule: send shift 0")
     batch_size, batch_count = req.batch_size or 1, req.batch_count or 1
     _in_range("batch_size", batch_size, 1, MAX_BATCH_SIZE, " images per pass")
     _in_range("batch_count", batch_count, 1, MAX_BATCH_COUNT, " passes")
     if req.seed < -1 or req.seed > MAX_SEED:
         raise InvalidRequest(f"seed is {req.seed}; send -1 for a random seed or a value in 0..{MAX_SEED}")
     seed = random.randint(0, 2**32 - 1) if req.seed == -1 else req.seed
-    strength = client_strength(_finite("denoising_strength", req.denoising_strength)) or DEFAULT_STRENGTH
+    strength = client_strength(_finite("denoising_strength", req.denoising_strength)) or defaults.strength
     if not 0 < strength <= 1:
-        raise InvalidRequest(f"denoising_strength is {strength}; it must be in (0, 1] (or 0 for 0.7)")
+        raise InvalidRequest(f"denoising_strength is {strength}; it must be in (0, 1] (or 0 for this model's "
+                             f"{defaults.strength:g})")
     hr_scale = _finite("hr_scale", req.hr_scale) or DEFAULT_HR_SCALE
     if not 1 <= hr_scale <= MAX_HR_SCALE:
         raise InvalidRequest(f"hr_scale is {hr_scale}; it must be in 1..{MAX_HR_SCALE:g} (or 0 for 2)")
     if req.enable_hr:
         for name, size in (("width", width), ("height", height)):
-            if hr_dimension(size, hr_scale) > MAX_SIZE:
-                raise InvalidRequest(f"high-res fix would make {name} {hr_dimension(size, hr_scale)} "
+            if hr_dimension(size, hr_scale, defaults.size_multiple) > MAX_SIZE:
+                raise InvalidRequest(f"high-res fix would make {name} "
+                                     f"{hr_dimension(size, hr_scale, defaults.size_multiple)} "
                                      f"(> {MAX_SIZE}); lower hr_scale or {name}")
     _in_range("clip_skip", req.clip_skip, 0, MAX_CLIP_SKIP, " (0 or 1 = the model's default layer)")
     _in_range("preview_every", req.preview_every, 0, MAX_STEPS, " steps (0 = no previews)")
@@ -275,11 +319,12 @@ def resolve(req: GenerationRequest, model: str, native_size: int) -> ResolvedReq
         init = fit_input_images(*decoded, width, height, req.mask_blur, sha256_hex(req.init_image), req.mask_outset)
     return ResolvedRequest(
         model=model, prompt=prompt, negative_prompt=req.negative_prompt, width=width, height=height,
-        steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler),
+        steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler or defaults.sampler),
         batch_size=batch_size, batch_count=batch_count, enable_hr=req.enable_hr,
         hr_scale=hr_scale, denoising_strength=strength, clip_skip=max(1, req.clip_skip), loras=loras,
         preview_every=req.preview_every, output_format=output_format, quality=req.quality or 90,
         init=init, skip_mask_overlay=req.skip_mask_overlay, seed_mode=seed_mode, latent_previews=req.latent_previews,
         zero_negative_prompt=req.zero_negative_prompt, size_conditioning=size_conditioning,
-        negative_size_conditioning=negative_size_conditioning,
+        negative_size_conditioning=negative_size_conditioning, distilled_guidance=defaults.distilled_guidance,
+        true_cfg_scale=true_cfg, shift=shift, size_multiple=defaults.size_multiple,
     )

@@ -37,6 +37,11 @@ SCRIPT = textwrap.dedent('''
         def model_names(self):
             return ["stand-in"]
 
+        def describe_models(self):
+            from dts_util.boundary import ModelDescription
+
+            return [ModelDescription("stand-in", "flux1", 1024, False, {}, 28, 3.5, "Euler", 16)]
+
         def files_changed(self, path):
             pass
 
@@ -70,6 +75,8 @@ SCRIPT = textwrap.dedent('''
             stub = pb_grpc.ImageGenerationServiceStub(channel)
             echo = await stub.Echo(pb.EchoRequest())
             assert echo.message == "HELLO" and list(echo.models) == ["stand-in"], echo
+            summary = echo.model_summaries[0]
+            assert (summary.family, summary.default_steps, summary.size_multiple) == ("flux1", 28, 16), echo
 
             updates = [u async for u in stub.GenerateImageStream(pb.ImageGenerationRequest(prompt="a cat", seed=3))]
             assert json.loads(updates[0].event)["step"] == 1 and updates[0].preview == b"preview"

@@ -28,7 +28,9 @@ SLOTS = {"start_width": (1, "Uint16", 0), "start_height": (2, "Uint16", 0), "see
          "hires_fix_start_height": (13, "Uint16", 0), "hires_fix_strength": (14, "Float32", 0.7),
          "clip_skip": (18, "Uint32", 1), "mask_blur": (21, "Float32", 0.0), "sharpness": (48, "Float32", 0.0),
          "tea_cache": (75, "Bool", False), "shift": (49, "Float32", 1.0), "original_image_height": (29, "Uint32", 0),
-         "preserve_original_after_inpaint": (58, "Bool", True)}
+         "preserve_original_after_inpaint": (58, "Bool", True),
+         "speed_up_with_guidance_embed": (69, "Bool", True), "guidance_embed": (70, "Float32", 3.5),
+         "resolution_dependent_shift": (71, "Bool", True), "seed_mode": (17, "Int8", 0)}
 STRINGS = {"model": 7, "upscaler": 15, "face_restoration": 22, "refiner_model": 28}
 
 

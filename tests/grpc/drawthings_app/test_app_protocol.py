@@ -199,7 +199,7 @@ def test_large_images_come_in_chunks_when_the_client_asks(app) -> None:
     (dict(refiner_model="sd_xl_refiner_1.0_f16.ckpt"), "a refiner model"),
     (dict(controls=1), "ControlNet"),
     (dict(tea_cache=True), "TeaCache"),
-    (dict(shift=3.0), "a sampling shift"),
+    (dict(shift=3.0, resolution_dependent_shift=False), "applies to flow-matching models"),
 ])
 def test_what_dts_util_cannot_do_is_refused_by_name(app, fields, words) -> None:
     error = _error(app.GenerateImage, pb.ImageGenerationRequest(

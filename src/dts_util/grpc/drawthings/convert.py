@@ -6,7 +6,7 @@ import json
 from dataclasses import fields
 from typing import Iterator
 
-from dts_util.boundary import GenerationOutput, GenerationRequest
+from dts_util.boundary import GenerationOutput, GenerationRequest, ModelDescription
 from dts_util.grpc.proto import image_generation_pb2 as pb
 
 
@@ -38,8 +38,14 @@ def image_pieces(images: list[bytes]) -> Iterator[pb.GenerationUpdate]:
                                       image_done=start == starts[-1])
 
 
-def echo_response(version: str, models: list[str], default_model: str) -> pb.EchoResponse:
-    return pb.EchoResponse(message="HELLO", server_version=version, models=models, default_model=default_model)
+def echo_response(version: str, models: list[str], default_model: str,
+                  described: list[ModelDescription] = ()) -> pb.EchoResponse:
+    summaries = [pb.ModelSummary(name=m.name, family=m.family, native_size=m.native_size, inpainting=m.inpainting,
+                                 default_steps=m.default_steps, default_cfg_scale=m.default_cfg_scale,
+                                 default_sampler=m.default_sampler, size_multiple=m.size_multiple)
+                 for m in described]
+    return pb.EchoResponse(message="HELLO", server_version=version, models=models, default_model=default_model,
+                           model_summaries=summaries)
 
 
 def files_exist_response(results: list[tuple[str, bool, str]]) -> pb.FilesExistResponse:

@@ -43,7 +43,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
 
     async def Echo(self, request: pb.EchoRequest, context: grpc.aio.ServicerContext) -> pb.EchoResponse:
         models = await asyncio.to_thread(self.generator.model_names)
-        return convert.echo_response(__version__, models, self.generator.default_model)
+        described = await asyncio.to_thread(self.generator.describe_models)
+        return convert.echo_response(__version__, models, self.generator.default_model, described)
 
     async def FilesExist(self, request: pb.FilesExistRequest,
                          context: grpc.aio.ServicerContext) -> pb.FilesExistResponse:

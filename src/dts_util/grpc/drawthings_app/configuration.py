@@ -56,6 +56,11 @@ class AppConfiguration:
     crop: tuple[int, int] = (0, 0)
     negative_original_size: tuple[int, int] = (0, 0)
     ignored: tuple[str, ...] = ()  # what it asks for that needs a model this server does not have: skipped
+    # FLUX.1 [dev]: the distilled guidance, and whether CFG is skipped for it ("speed up with guidance embed")
+    guidance_embed: float = 3.5
+    speed_up_with_guidance_embed: bool = True
+    shift: float = 1.0  # flow-matching models' sigma shift, used when resolution_dependent_shift is off
+    resolution_dependent_shift: bool = True
 
 
 class _Table:
@@ -143,6 +148,9 @@ def _read(data: bytes) -> AppConfiguration:
         target_size=(root.scalar(33, "u32"), root.scalar(34, "u32")),
         crop=(root.scalar(31, "i32"), root.scalar(32, "i32")),
         negative_original_size=(root.scalar(39, "u32"), root.scalar(40, "u32")), ignored=tuple(_ignored(root)),
+        guidance_embed=_finite(root.scalar(70, "f32", 3.5)),
+        speed_up_with_guidance_embed=bool(root.scalar(69, "bool", True)),
+        shift=_finite(root.scalar(49, "f32", 1.0)), resolution_dependent_shift=bool(root.scalar(71, "bool", True)),
     )
 
 
@@ -178,8 +186,6 @@ def _unsupported(root: _Table) -> list[str]:
     found += [feature for slot, feature in flags if root.scalar(slot, "bool", False)]
     if root.scalar(48, "f32", 0.0):
         found.append("sharpness")
-    if abs(root.scalar(49, "f32", 1.0) - 1.0) > 1e-6:
-        found.append("a sampling shift")
     if root.scalar(84, "i8", 0):
         found.append("compression artifacts")
     if root.scalar(86, "i8", 0):

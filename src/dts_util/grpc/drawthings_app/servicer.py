@@ -32,7 +32,6 @@ from dts_util.limits import MAX_APP_CONTENTS, MAX_FILES_EXIST_ENTRIES, MAX_PATH_
 
 # Responses over this size go in pieces when the client asks for ``chunked`` (the app always does).
 CHUNK_BYTES = 4 * 1024 * 1024
-MODEL_VERSIONS = {"sd1": "v1", "sd2": "v2", "sdxl": "sdxl_base_v0.9"}
 # The app's files are its own format; dts-util loads these.
 UPLOADABLE_SUFFIXES = (".safetensors",)
 Signpost = pb.ImageGenerationSignpostProto
@@ -87,11 +86,10 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
             model = described.get(store_name)
             if model is None:
                 continue
-            spec = {"name": store_name, "file": app_name, "prefix": "", "version": MODEL_VERSIONS[model.family],
-                    "upcast_attention": False, "default_scale": max(1, model.native_size // configuration.SIZE_UNIT)}
-            if model.inpainting:
-                spec["modifier"] = "inpainting"
-            specs.append(spec)
+            spec = {"name": store_name, "file": app_name, "prefix": "",
+                    "default_scale": max(1, model.native_size // configuration.SIZE_UNIT), **model.app_spec}
+            if "version" in spec:  # a family the app has no version for is not offered to it
+                specs.append(spec)
         empty = b"[]"
         override = pb.MetadataOverride(models=json.dumps(specs).encode(), loras=empty, controlNets=empty,
                                        textualInversions=empty, upscalers=empty)
@@ -185,7 +183,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
             init_image=image_png, mask=mask_png, mask_blur=config.mask_blur if mask_png else 0,
             mask_outset=config.mask_outset if mask_png else 0,
             skip_mask_overlay=not config.preserve_original, seed_mode=config.seed_mode, latent_previews=True,
-            zero_negative_prompt=config.zero_negative_prompt, **_size_conditioning(config))
+            zero_negative_prompt=config.zero_negative_prompt, **_size_conditioning(config), **_flow_settings(config))
         if config.ignored:
             request_log()["ignored"] = ", ".join(config.ignored)
         return boundary, _expected_signposts(boundary, bool(image_png))
@@ -289,6 +287,15 @@ def _unwrap(request: pb.ImageGenerationRequest, field: str, contents: dict[bytes
         return b""
     value = getattr(request, field)
     return contents.get(value, b"") if len(value) == 32 else value
+
+
+def _flow_settings(config: configuration.AppConfiguration) -> dict[str, float]:
+    """The app's FLUX settings as the model layer reads them (SD models ignore the first two): the guidance embedding
+    takes cfg_scale's place for guidance-distilled models, whose CFG is true CFG and off while "speed up with
+    guidance embed" is; a fixed shift only where the resolution-dependent one is off (1 is no shift)."""
+    return {"guidance_embed": config.guidance_embed,
+            "true_cfg_scale": 0.0 if config.speed_up_with_guidance_embed else max(config.guidance_scale, 0.0),
+            "shift": 0.0 if config.resolution_dependent_shift else config.shift}
 
 
 def _sizes(config: configuration.AppConfiguration) -> tuple[int, int, float]:

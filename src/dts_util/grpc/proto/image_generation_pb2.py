@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16image_generation.proto\x12\ndrawthings\"\r\n\x0b\x45\x63hoRequest\"^\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x15\n\rdefault_model\x18\x04 \x01(\t\"\"\n\x11\x46ilesExistRequest\x12\r\n\x05\x66iles\x18\x01 \x03(\t\"C\n\x12\x46ilesExistResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0e\n\x06\x65xists\x18\x02 \x03(\x08\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"\xfc\x06\n\x16ImageGenerationRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x11\n\tcfg_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x15\n\rrestore_faces\x18\t \x01(\x08\x12\x11\n\tenable_hr\x18\n \x01(\x08\x12\x1a\n\x12\x64\x65noising_strength\x18\x0b \x01(\x02\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\x13\n\x0b\x62\x61tch_count\x18\r \x01(\x05\x12\r\n\x05model\x18\x0e \x01(\t\x12\x10\n\x08hr_scale\x18\x0f \x01(\x02\x12\x11\n\tclip_skip\x18\x10 \x01(\x05\x12%\n\x05loras\x18\x11 \x03(\x0b\x32\x16.drawthings.LoraWeight\x12\x15\n\rpreview_every\x18\x12 \x01(\x05\x12\x15\n\routput_format\x18\x13 \x01(\t\x12\x0f\n\x07quality\x18\x14 \x01(\x05\x12\x12\n\ninit_image\x18\x15 \x01(\x0c\x12\x0c\n\x04mask\x18\x16 \x01(\x0c\x12\x11\n\tmask_blur\x18\x17 \x01(\x05\x12\x19\n\x11skip_mask_overlay\x18\x18 \x01(\x08\x12\x11\n\tseed_mode\x18\x19 \x01(\t\x12\x1c\n\x14zero_negative_prompt\x18\x1a \x01(\x08\x12\x16\n\x0eoriginal_width\x18\x1b \x01(\x05\x12\x17\n\x0foriginal_height\x18\x1c \x01(\x05\x12\x10\n\x08\x63rop_top\x18\x1d \x01(\x05\x12\x11\n\tcrop_left\x18\x1e \x01(\x05\x12\x14\n\x0ctarget_width\x18\x1f \x01(\x05\x12\x15\n\rtarget_height\x18  \x01(\x05\x12\x1f\n\x17negative_original_width\x18! \x01(\x05\x12 \n\x18negative_original_height\x18\" \x01(\x05\x12\x19\n\x11negative_crop_top\x18# \x01(\x05\x12\x1a\n\x12negative_crop_left\x18$ \x01(\x05\x12\x1d\n\x15negative_target_width\x18% \x01(\x05\x12\x1e\n\x16negative_target_height\x18& \x01(\x05\x12\x13\n\x0bmask_outset\x18\' \x01(\x05\"*\n\nLoraWeight\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"G\n\x17ImageGenerationResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04info\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\"j\n\x11UploadFileRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"C\n\x12UploadFileResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"}\n\x10GenerationUpdate\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x0f\n\x07preview\x18\x02 \x01(\x0c\x12\x13\n\x0bimage_index\x18\x03 \x01(\x05\x12\x12\n\nimage_data\x18\x04 \x01(\x0c\x12\x12\n\nimage_done\x18\x05 \x01(\x08\x12\x0c\n\x04info\x18\x06 \x01(\t2\xa4\x03\n\x16ImageGenerationService\x12\x39\n\x04\x45\x63ho\x12\x17.drawthings.EchoRequest\x1a\x18.drawthings.EchoResponse\x12K\n\nFilesExist\x12\x1d.drawthings.FilesExistRequest\x1a\x1e.drawthings.FilesExistResponse\x12X\n\rGenerateImage\x12\".drawthings.ImageGenerationRequest\x1a#.drawthings.ImageGenerationResponse\x12M\n\nUploadFile\x12\x1d.drawthings.UploadFileRequest\x1a\x1e.drawthings.UploadFileResponse(\x01\x12Y\n\x13GenerateImageStream\x12\".drawthings.ImageGenerationRequest\x1a\x1c.drawthings.GenerationUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16image_generation.proto\x12\ndrawthings\"\r\n\x0b\x45\x63hoRequest\"\x91\x01\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x15\n\rdefault_model\x18\x04 \x01(\t\x12\x31\n\x0fmodel_summaries\x18\x05 \x03(\x0b\x32\x18.drawthings.ModelSummary\"\xb7\x01\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0bnative_size\x18\x03 \x01(\x05\x12\x12\n\ninpainting\x18\x04 \x01(\x08\x12\x15\n\rdefault_steps\x18\x05 \x01(\x05\x12\x19\n\x11\x64\x65\x66\x61ult_cfg_scale\x18\x06 \x01(\x02\x12\x17\n\x0f\x64\x65\x66\x61ult_sampler\x18\x07 \x01(\t\x12\x15\n\rsize_multiple\x18\x08 \x01(\x05\"\"\n\x11\x46ilesExistRequest\x12\r\n\x05\x66iles\x18\x01 \x03(\t\"C\n\x12\x46ilesExistResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0e\n\x06\x65xists\x18\x02 \x03(\x08\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"\xa3\x07\n\x16ImageGenerationRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x11\n\tcfg_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x15\n\rrestore_faces\x18\t \x01(\x08\x12\x11\n\tenable_hr\x18\n \x01(\x08\x12\x1a\n\x12\x64\x65noising_strength\x18\x0b \x01(\x02\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\x13\n\x0b\x62\x61tch_count\x18\r \x01(\x05\x12\r\n\x05model\x18\x0e \x01(\t\x12\x10\n\x08hr_scale\x18\x0f \x01(\x02\x12\x11\n\tclip_skip\x18\x10 \x01(\x05\x12%\n\x05loras\x18\x11 \x03(\x0b\x32\x16.drawthings.LoraWeight\x12\x15\n\rpreview_every\x18\x12 \x01(\x05\x12\x15\n\routput_format\x18\x13 \x01(\t\x12\x0f\n\x07quality\x18\x14 \x01(\x05\x12\x12\n\ninit_image\x18\x15 \x01(\x0c\x12\x0c\n\x04mask\x18\x16 \x01(\x0c\x12\x11\n\tmask_blur\x18\x17 \x01(\x05\x12\x19\n\x11skip_mask_overlay\x18\x18 \x01(\x08\x12\x11\n\tseed_mode\x18\x19 \x01(\t\x12\x1c\n\x14zero_negative_prompt\x18\x1a \x01(\x08\x12\x16\n\x0eoriginal_width\x18\x1b \x01(\x05\x12\x17\n\x0foriginal_height\x18\x1c \x01(\x05\x12\x10\n\x08\x63rop_top\x18\x1d \x01(\x05\x12\x11\n\tcrop_left\x18\x1e \x01(\x05\x12\x14\n\x0ctarget_width\x18\x1f \x01(\x05\x12\x15\n\rtarget_height\x18  \x01(\x05\x12\x1f\n\x17negative_original_width\x18! \x01(\x05\x12 \n\x18negative_original_height\x18\" \x01(\x05\x12\x19\n\x11negative_crop_top\x18# \x01(\x05\x12\x1a\n\x12negative_crop_left\x18$ \x01(\x05\x12\x1d\n\x15negative_target_width\x18% \x01(\x05\x12\x1e\n\x16negative_target_height\x18& \x01(\x05\x12\x13\n\x0bmask_outset\x18\' \x01(\x05\x12\x16\n\x0etrue_cfg_scale\x18( \x01(\x02\x12\r\n\x05shift\x18) \x01(\x02\"*\n\nLoraWeight\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"G\n\x17ImageGenerationResponse\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04info\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\"j\n\x11UploadFileRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"C\n\x12UploadFileResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"}\n\x10GenerationUpdate\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x0f\n\x07preview\x18\x02 \x01(\x0c\x12\x13\n\x0bimage_index\x18\x03 \x01(\x05\x12\x12\n\nimage_data\x18\x04 \x01(\x0c\x12\x12\n\nimage_done\x18\x05 \x01(\x08\x12\x0c\n\x04info\x18\x06 \x01(\t2\xa4\x03\n\x16ImageGenerationService\x12\x39\n\x04\x45\x63ho\x12\x17.drawthings.EchoRequest\x1a\x18.drawthings.EchoResponse\x12K\n\nFilesExist\x12\x1d.drawthings.FilesExistRequest\x1a\x1e.drawthings.FilesExistResponse\x12X\n\rGenerateImage\x12\".drawthings.ImageGenerationRequest\x1a#.drawthings.ImageGenerationResponse\x12M\n\nUploadFile\x12\x1d.drawthings.UploadFileRequest\x1a\x1e.drawthings.UploadFileResponse(\x01\x12Y\n\x13GenerateImageStream\x12\".drawthings.ImageGenerationRequest\x1a\x1c.drawthings.GenerationUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ECHOREQUEST']._serialized_start=38
   _globals['_ECHOREQUEST']._serialized_end=51
-  _globals['_ECHORESPONSE']._serialized_start=53
-  _globals['_ECHORESPONSE']._serialized_end=147
-  _globals['_FILESEXISTREQUEST']._serialized_start=149
-  _globals['_FILESEXISTREQUEST']._serialized_end=183
-  _globals['_FILESEXISTRESPONSE']._serialized_start=185
-  _globals['_FILESEXISTRESPONSE']._serialized_end=252
-  _globals['_IMAGEGENERATIONREQUEST']._serialized_start=255
-  _globals['_IMAGEGENERATIONREQUEST']._serialized_end=1147
-  _globals['_LORAWEIGHT']._serialized_start=1149
-  _globals['_LORAWEIGHT']._serialized_end=1191
-  _globals['_IMAGEGENERATIONRESPONSE']._serialized_start=1193
-  _globals['_IMAGEGENERATIONRESPONSE']._serialized_end=1264
-  _globals['_UPLOADFILEREQUEST']._serialized_start=1266
-  _globals['_UPLOADFILEREQUEST']._serialized_end=1372
-  _globals['_UPLOADFILERESPONSE']._serialized_start=1374
-  _globals['_UPLOADFILERESPONSE']._serialized_end=1441
-  _globals['_GENERATIONUPDATE']._serialized_start=1443
-  _globals['_GENERATIONUPDATE']._serialized_end=1568
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=1571
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=1991
+  _globals['_ECHORESPONSE']._serialized_start=54
+  _globals['_ECHORESPONSE']._serialized_end=199
+  _globals['_MODELSUMMARY']._serialized_start=202
+  _globals['_MODELSUMMARY']._serialized_end=385
+  _globals['_FILESEXISTREQUEST']._serialized_start=387
+  _globals['_FILESEXISTREQUEST']._serialized_end=421
+  _globals['_FILESEXISTRESPONSE']._serialized_start=423
+  _globals['_FILESEXISTRESPONSE']._serialized_end=490
+  _globals['_IMAGEGENERATIONREQUEST']._serialized_start=493
+  _globals['_IMAGEGENERATIONREQUEST']._serialized_end=1424
+  _globals['_LORAWEIGHT']._serialized_start=1426
+  _globals['_LORAWEIGHT']._serialized_end=1468
+  _globals['_IMAGEGENERATIONRESPONSE']._serialized_start=1470
+  _globals['_IMAGEGENERATIONRESPONSE']._serialized_end=1541
+  _globals['_UPLOADFILEREQUEST']._serialized_start=1543
+  _globals['_UPLOADFILEREQUEST']._serialized_end=1649
+  _globals['_UPLOADFILERESPONSE']._serialized_start=1651
+  _globals['_UPLOADFILERESPONSE']._serialized_end=1718
+  _globals['_GENERATIONUPDATE']._serialized_start=1720
+  _globals['_GENERATIONUPDATE']._serialized_end=1845
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=1848
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=2268
 # @@protoc_insertion_point(module_scope)

@@ -11,16 +11,38 @@ class EchoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EchoResponse(_message.Message):
-    __slots__ = ("message", "server_version", "models", "default_model")
+    __slots__ = ("message", "server_version", "models", "default_model", "model_summaries")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     message: str
     server_version: str
     models: _containers.RepeatedScalarFieldContainer[str]
     default_model: str
-    def __init__(self, message: _Optional[str] = ..., server_version: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    model_summaries: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    def __init__(self, message: _Optional[str] = ..., server_version: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., model_summaries: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
+
+class ModelSummary(_message.Message):
+    __slots__ = ("name", "family", "native_size", "inpainting", "default_steps", "default_cfg_scale", "default_sampler", "size_multiple")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INPAINTING_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    native_size: int
+    inpainting: bool
+    default_steps: int
+    default_cfg_scale: float
+    default_sampler: str
+    size_multiple: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., native_size: _Optional[int] = ..., inpainting: _Optional[bool] = ..., default_steps: _Optional[int] = ..., default_cfg_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., size_multiple: _Optional[int] = ...) -> None: ...
 
 class FilesExistRequest(_message.Message):
     __slots__ = ("files",)
@@ -39,7 +61,7 @@ class FilesExistResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[str]] = ..., exists: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageGenerationRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras", "preview_every", "output_format", "quality", "init_image", "mask", "mask_blur", "skip_mask_overlay", "seed_mode", "zero_negative_prompt", "original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height", "negative_original_width", "negative_original_height", "negative_crop_top", "negative_crop_left", "negative_target_width", "negative_target_height", "mask_outset")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "sampler", "restore_faces", "enable_hr", "denoising_strength", "batch_size", "batch_count", "model", "hr_scale", "clip_skip", "loras", "preview_every", "output_format", "quality", "init_image", "mask", "mask_blur", "skip_mask_overlay", "seed_mode", "zero_negative_prompt", "original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height", "negative_original_width", "negative_original_height", "negative_crop_top", "negative_crop_left", "negative_target_width", "negative_target_height", "mask_outset", "true_cfg_scale", "shift")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +101,8 @@ class ImageGenerationRequest(_message.Message):
     NEGATIVE_TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MASK_OUTSET_FIELD_NUMBER: _ClassVar[int]
+    TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -118,7 +142,9 @@ class ImageGenerationRequest(_message.Message):
     negative_target_width: int
     negative_target_height: int
     mask_outset: int
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., preview_every: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., skip_mask_overlay: _Optional[bool] = ..., seed_mode: _Optional[str] = ..., zero_negative_prompt: _Optional[bool] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., crop_top: _Optional[int] = ..., crop_left: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., negative_original_width: _Optional[int] = ..., negative_original_height: _Optional[int] = ..., negative_crop_top: _Optional[int] = ..., negative_crop_left: _Optional[int] = ..., negative_target_width: _Optional[int] = ..., negative_target_height: _Optional[int] = ..., mask_outset: _Optional[int] = ...) -> None: ...
+    true_cfg_scale: float
+    shift: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., restore_faces: _Optional[bool] = ..., enable_hr: _Optional[bool] = ..., denoising_strength: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_count: _Optional[int] = ..., model: _Optional[str] = ..., hr_scale: _Optional[float] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ..., preview_every: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., skip_mask_overlay: _Optional[bool] = ..., seed_mode: _Optional[str] = ..., zero_negative_prompt: _Optional[bool] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., crop_top: _Optional[int] = ..., crop_left: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ..., negative_original_width: _Optional[int] = ..., negative_original_height: _Optional[int] = ..., negative_crop_top: _Optional[int] = ..., negative_crop_left: _Optional[int] = ..., negative_target_width: _Optional[int] = ..., negative_target_height: _Optional[int] = ..., mask_outset: _Optional[int] = ..., true_cfg_scale: _Optional[float] = ..., shift: _Optional[float] = ...) -> None: ...
 
 class LoraWeight(_message.Message):
     __slots__ = ("file", "weight")
