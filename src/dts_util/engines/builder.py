@@ -159,7 +159,7 @@ def _build(job: BuildJob, model: LoadedModel, engine_dir: Path, on_stage: Callab
     onnx_path, export_record = None, None
     if job.backend.builds_from == "onnx":
         on_stage("export")
-        onnx_path, export_record = export_component(model, job.component, engine_dir)
+        onnx_path, export_record = export_component(model, job.component, engine_dir, shape=job.shape)
     on_stage("build")
     folder = job.paths.engine.parent
     folder.mkdir(parents=True, exist_ok=True)

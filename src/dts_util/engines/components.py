@@ -30,6 +30,9 @@ class ComponentDescriptor:
     guided: bool = False
     # Runs at this batch whatever the request's batch size (None: at the request's batch size).
     fixed_batch: int | None = None
+    # The TorchScript exporter cannot keep this component's axes symbolic (FLUX's RoPE reshapes bake their sizes
+    # in): it is exported once per engine shape instead of once for all.
+    static_export: bool = False
 
     def input_names(self, info: ModelInfo) -> list[str]:
         return list(self.input_shapes(info, self.representative_shape(info)))
@@ -66,7 +69,7 @@ class ComponentDescriptor:
 
     def representative_shape(self, info: ModelInfo) -> Shape:
         """A small shape for export tracing and validation (dynamic axes make it general)."""
-        side = max(8, min(int(info.unet_config["sample_size"]), 64) // 2)
+        side = max(8, min(info.native_size // info.vae_scale_factor, 64) // 2)
         return Shape(side, side, 1)
 
     def sample_inputs(self, info: ModelInfo, shape: Shape, seed: int = 0,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dts_util.boundary import Shape
 from dts_util.engines.paths import onnx_dir
 from dts_util.engines.components import ComponentDescriptor
 from dts_util.errors import EngineBuildError
@@ -70,13 +71,19 @@ def read_export_record(folder: Path) -> ExportRecord | None:
 
 
 def export_component(model: LoadedModel, component: ComponentDescriptor, engine_dir: Path,
-                     tolerance: float = EXPORT_TOLERANCE) -> tuple[Path, ExportRecord]:
+                     tolerance: float = EXPORT_TOLERANCE, shape: Shape | None = None) -> tuple[Path, ExportRecord]:
     """Export (or reuse) ``component``'s ONNX for ``model``; returns the .onnx path and its record.
 
     ``model`` must be an fp32 model on the CPU (see ``load_model(..., device="cpu")``).
-    The export is written to a temporary folder, validated, and renamed into place.
+    The export is written to a temporary folder, validated, and renamed into place. One export
+    serves every shape, except for components whose axes the exporter cannot keep symbolic
+    (``static_export``): those are exported at ``shape``, the engine's.
     """
-    final = onnx_dir(engine_dir, model.name, model.fingerprint, component.name, "fp32")
+    static = component.static_export and shape is not None
+    export_shape = shape if static else component.representative_shape(model.info)
+    shape_tag = f"{export_shape.latent_width}x{export_shape.latent_height}-b{export_shape.batch}-t{export_shape.text_length}"
+    name = f"{component.name}-{shape_tag}" if static else component.name
+    final = onnx_dir(engine_dir, model.name, model.fingerprint, name, "fp32")
     record = read_export_record(final)
     if record is not None and record.model_fingerprint == model.fingerprint and record.format == EXPORT_FORMAT \
             and (final / MODEL_FILE).is_file():
@@ -85,8 +92,8 @@ def export_component(model: LoadedModel, component: ComponentDescriptor, engine_
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{component.name}-", dir=final.parent))
     try:
         start = time.perf_counter()
-        path, streamed = _export_to(model, component, tmp)
-        rel_l2 = validate_onnx(model, component, path, free_eager=streamed)
+        path, streamed = _export_to(model, component, tmp, export_shape, dynamic=not static)
+        rel_l2 = validate_onnx(model, component, path, free_eager=streamed, shape=export_shape)
         if rel_l2 > tolerance:
             raise EngineBuildError(f"ONNX export of {component.name} differs from PyTorch: relative L2 error "
                                    f"{rel_l2:.2e} > tolerance {tolerance:.0e}; the export is not usable")
@@ -104,16 +111,37 @@ def export_component(model: LoadedModel, component: ComponentDescriptor, engine_
     return final / MODEL_FILE, record
 
 
-def _export_to(model: LoadedModel, component: ComponentDescriptor, folder: Path) -> tuple[Path, bool]:
-    """torch.onnx.export (TorchScript exporter) into ``folder``, weights over 2 GB as one external file.
-    Returns the .onnx path and whether the weights were streamed (big models)."""
+def _rms_norm(g, values, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (FLUX's query/key norms) as opset-17 ONNX: x / sqrt(mean(x^2) + eps) x weight. ONNX has
+    RMSNormalization only from opset 23, which the TorchScript exporter does not write."""
+    from torch.onnx import symbolic_helper as helper
+
+    axes = list(range(-len(helper._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    epsilon = None if helper._is_none(eps) else helper._maybe_get_const(eps, "f")
+    epsilon = float(torch.finfo(torch.float32).eps) if epsilon is None else float(epsilon)
+    mean = g.op("ReduceMean", g.op("Mul", values, values), axes_i=axes, keepdims_i=1)
+    scaled = g.op("Div", values, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(epsilon)))))
+    return scaled if helper._is_none(weight) else g.op("Mul", scaled, weight)
+
+
+def _register_symbolics() -> None:
+    """Ops the TorchScript exporter lacks at OPSET (registered for ONNX export only; eager code is untouched)."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
+
+
+def _export_to(model: LoadedModel, component: ComponentDescriptor, folder: Path, shape: Shape,
+               dynamic: bool = True) -> tuple[Path, bool]:
+    """torch.onnx.export (TorchScript exporter) at ``shape`` into ``folder``, weights over 2 GB as one external
+    file, its axes symbolic when ``dynamic``. Returns the .onnx path and whether the weights were streamed."""
     import onnx
 
+    _register_symbolics()
     info = model.info
-    inputs = component.sample_inputs(info, component.representative_shape(info))
+    inputs = component.sample_inputs(info, shape)
     module = component.export_module(model)
+    axes = component.dynamic_axes(info) if dynamic else {}
     if _weight_bytes(module) >= STREAMED_EXPORT_MIN_BYTES:
-        return _export_streamed(module, component, info, inputs, folder), True
+        return _export_streamed(module, component, axes, inputs, folder), True
     raw = folder / "raw"
     raw.mkdir()
     # The tracer warns about every Python-side shape check in diffusers; they are expected.
@@ -121,7 +149,7 @@ def _export_to(model: LoadedModel, component: ComponentDescriptor, folder: Path)
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, tuple(inputs.values()), str(raw / MODEL_FILE),
-            input_names=list(inputs), output_names=component.output_names(), dynamic_axes=component.dynamic_axes(info),
+            input_names=list(inputs), output_names=component.output_names(), dynamic_axes=axes,
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     # Past protobuf's 2 GB limit the exporter scatters the weights over one file per tensor;
@@ -144,7 +172,8 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _named_tensors(module).values())
 
 
-def _export_streamed(module: torch.nn.Module, component: ComponentDescriptor, info, inputs: dict, folder: Path) -> Path:
+def _export_streamed(module: torch.nn.Module, component: ComponentDescriptor, axes: dict, inputs: dict,
+                     folder: Path) -> Path:
     """Export the graph without weights, then write each weight to the one data file in turn.
 
     Weights become graph inputs named after the module's parameters; each is turned back into
@@ -159,7 +188,7 @@ def _export_streamed(module: torch.nn.Module, component: ComponentDescriptor, in
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, tuple(inputs.values()), str(folder / MODEL_FILE), input_names=list(inputs),
-            output_names=component.output_names(), dynamic_axes=component.dynamic_axes(info), opset_version=OPSET,
+            output_names=component.output_names(), dynamic_axes=axes, opset_version=OPSET,
             do_constant_folding=False, export_params=False, keep_initializers_as_inputs=True, dynamo=False,
         )
     proto = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
@@ -187,7 +216,7 @@ def _export_streamed(module: torch.nn.Module, component: ComponentDescriptor, in
 
 
 def validate_onnx(model: LoadedModel, component: ComponentDescriptor, path: Path, seed: int = 1,
-                  free_eager: bool = False) -> float:
+                  free_eager: bool = False, shape: Shape | None = None) -> float:
     """Relative L2 between ONNX Runtime (through polygraphy's runner) and PyTorch on seeded inputs.
 
     ``free_eager``: drop the eager component once its output is known, so ONNX Runtime's copy of the
@@ -198,7 +227,7 @@ def validate_onnx(model: LoadedModel, component: ComponentDescriptor, path: Path
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-session info lines would interleave with our progress
     info = model.info
-    inputs = component.sample_inputs(info, component.representative_shape(info), seed=seed)
+    inputs = component.sample_inputs(info, shape or component.representative_shape(info), seed=seed)
     with torch.inference_mode():
         expected = component.export_module(model)(**inputs)
     if free_eager:

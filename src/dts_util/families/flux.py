@@ -398,6 +398,7 @@ class FluxTransformerComponent(ComponentDescriptor):
     """The FLUX transformer: packed latents (B, tokens, 64) and T5/CLIP conditioning to the velocity."""
 
     name, output_name, weights = "transformer", "velocity", "transformer"
+    static_export = True  # diffusers' apply_rotary_emb reshapes with Python ints, which tracing bakes in
 
     def _guidance(self, info: "ModelInfo") -> bool:
         return _guidance_distilled(info)
