@@ -17,7 +17,11 @@ Engines are built first (or reused when valid) in --engine-dir.
 
 ``--arch sd15`` benchmarks the Stable Diffusion 1.5 architecture (UNet 860M, VAE 83M,
 CLIP ViT-L/14 text encoder) with seeded random weights: speed does not depend on the
-weights' values.
+weights' values. ``--arch flux`` benchmarks FLUX.1 [dev]'s transformer at full width (3072,
+24 heads of 128, T5 width 4096) and its VAE, with ``--flux-depth DOUBLE,SINGLE`` of its 19
+double and 38 single blocks (default 1,2: the full 12B transformer needs 48 GB in fp32); the
+table says which depth ran. Its text encoders are one-layer stand-ins of the real widths: the
+transformer step and the VAE are what is measured.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA_GRAPH_SUFFIX = "+cudagraph"
-DEFAULT_ENGINE_COMPONENTS = "unet,vae_decoder,vae_encoder"
+DEFAULT_ENGINE_COMPONENTS = "denoiser,vae_decoder,vae_encoder"  # "denoiser": the UNet or the transformer
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
+                        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                        axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -55,7 +66,8 @@ def ensure_sd15(store_root: Path) -> str:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from dts_util.models.builtin import SCHEDULER_CONFIG, clip_vocabulary
+    from dts_util.models.builtin import SCHEDULER_CONFIG
+    from dts_util.models.clip_vocab import clip_vocabulary
 
     name = "bench-sd15-arch"
     if (store_root / name / "model_index.json").is_file():
@@ -68,6 +80,39 @@ def ensure_sd15(store_root: Path) -> str:
         tokenizer=CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77),
         unet=UNet2DConditionModel(**SD15_UNET), scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=store_root))
+    pipe.save_pretrained(tmp)
+    tmp.rename(store_root / name)
+    return name
+
+
+def ensure_flux(store_root: Path, depth: str) -> str:
+    """Write a FLUX.1 [dev]-width model of ``depth`` (double,single blocks) with seeded random weights (once)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    double, single = (int(v) for v in depth.split(","))
+    name = f"bench-flux-arch-{double}x{single}"
+    if (store_root / name / "model_index.json").is_file():
+        return name
+    print(f"creating {name} (FLUX.1 [dev] widths, {double} double + {single} single blocks, random weights) in "
+          f"{store_root}", file=sys.stderr)
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_tiny_flux
+
+    torch.manual_seed(0)
+    pipe = make_tiny_flux.pipeline()
+    tokenizer_vocab = len(pipe.tokenizer_2)
+    pipe.transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER, num_layers=double, num_single_layers=single)
+    pipe.vae = AutoencoderKL(**FLUX_VAE)
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                     num_hidden_layers=1, num_attention_heads=12,
+                                                     max_position_embeddings=77, hidden_act="quick_gelu",
+                                                     bos_token_id=49406, eos_token_id=49407))
+    pipe.text_encoder_2 = T5EncoderModel(T5Config(vocab_size=tokenizer_vocab, d_model=4096, d_kv=64, d_ff=256,
+                                                  num_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
+                                                  is_encoder_decoder=False))
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=store_root))
     pipe.save_pretrained(tmp)
     tmp.rename(store_root / name)
@@ -99,12 +144,11 @@ def worker(args: argparse.Namespace) -> None:
     """Measure one backend; print one JSON line."""
     import torch
 
-    from dts_util.engines.manager import EngineManager
     from dts_util.engines.components import get_component
     from dts_util.models.loader import load_model
     from dts_util.models.store import ModelStore
     from dts_util.boundary import Shape
-    from dts_util.pipeline.components import EagerUNet, EagerVaeDecoder, EagerVaeEncoder
+    from dts_util.pipeline.components import EagerVaeDecoder, EagerVaeEncoder
     from dts_util.pipeline.params import GenerationRequest, resolve
     from dts_util.pipeline.generation import make_pipeline
 
@@ -112,31 +156,35 @@ def worker(args: argparse.Namespace) -> None:
     store = ModelStore(Path(args.model_dir))
     model = load_model(args.model, store.model_path(args.model), args.device,
                        dtype=precision if backend in ("eager", "torch-compile") and precision else "auto")
+    family = model.family
+    denoiser_name = family.denoiser
+    descriptor = family.components()[denoiser_name]
     width, height = (int(v) for v in args.resolution.split("x"))
     scale = model.info.vae_scale_factor
-    unet_shape = Shape(height // scale, width // scale, args.batch_size * 2)
+    # SD's UNet runs both CFG branches as one batch; FLUX's transformer runs each guidance call at the batch.
+    unet_shape = Shape(height // scale, width // scale, args.batch_size * (2 if descriptor.guided else 1),
+                       descriptor.text_lengths(model.info, (1,))[0])
     vae_shape = Shape(height // scale, width // scale, args.batch_size)
     encoder_shape = Shape(height // scale, width // scale, 1)  # the input image is encoded once per request
-    components = args.engine_components.split(",")
+    components = [denoiser_name if c == "denoiser" else c for c in args.engine_components.split(",")]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     if backend in ("eager", "torch-compile"):
-        unet = EagerUNet(model.unet())
+        unet = family.eager_denoiser(model.denoiser())
         if backend == "torch-compile":
             from dts_util.pipeline.compiled import compiled_module
 
-            unet = EagerUNet(compiled_module(model.unet()))
+            unet = family.eager_denoiser(compiled_module(model.denoiser()))
         vae = EagerVaeDecoder(model.vae())
         encoder = EagerVaeEncoder(model.vae())
     else:
-        unet = load_engine(args, model, "unet", unet_shape, backend, precision)
+        unet = load_engine(args, model, denoiser_name, unet_shape, backend, precision)
         vae = load_engine(args, model, "vae_decoder", vae_shape, backend, precision) \
             if "vae_decoder" in components else EagerVaeDecoder(model.vae())
         encoder = load_engine(args, model, "vae_encoder", encoder_shape, backend, precision) \
             if "vae_encoder" in components else EagerVaeEncoder(model.vae())
 
-    unet_inputs = get_component("unet").sample_inputs(model.info, unet_shape, seed=0, device=args.device,
-                                                 dtype=model.dtype)
+    unet_inputs = descriptor.sample_inputs(model.info, unet_shape, seed=0, device=args.device, dtype=model.dtype)
     latent = get_component("vae_decoder").sample_inputs(model.info, vae_shape, seed=0, device=args.device,
                                                    dtype=model.dtype)
     image = get_component("vae_encoder").sample_inputs(model.info, encoder_shape, seed=0, device=args.device,
@@ -158,7 +206,8 @@ def worker(args: argparse.Namespace) -> None:
 
         request = resolve(GenerationRequest(prompt="a lighthouse", seed=1, width=width, height=height,
                                             steps=args.e2e_steps, batch_size=args.batch_size), model.name,
-                          model.info.native_size)
+                          family.defaults(model.info))
+        request = replace(request, sampler=family.check_sampler(model.info, request.sampler))
         pipeline = make_pipeline(model, Fixed())
         pipeline(replace(request, steps=1))  # warm: text encoder load, first-call allocations
         start = time.perf_counter()
@@ -195,7 +244,7 @@ def export_peak(args: argparse.Namespace) -> None:
     before = peak_rss_mb()
     with tempfile.TemporaryDirectory(dir=args.engine_dir) as folder:
         start = time.perf_counter()
-        export_component(model, get_component("unet"), Path(folder))
+        export_component(model, get_component(model.family.denoiser, model.info), Path(folder))
         seconds = time.perf_counter() - start
     print(json.dumps({"export_peak_mb": peak_rss_mb(), "before_export_mb": before, "export_s": seconds}))
 
@@ -211,8 +260,9 @@ def build_engines(args: argparse.Namespace, variant: str) -> None:
     store = ModelStore(Path(args.model_dir))
     model = load_model(args.model, store.model_path(args.model), "cpu")
     width, height = (int(v) for v in args.resolution.split("x"))
+    components = tuple(model.family.denoiser if c == "denoiser" else c for c in args.engine_components.split(","))
     for job in plan(model, Path(args.engine_dir), [(width, height)], [args.batch_size], backend,
-                    precision or "auto", components=tuple(args.engine_components.split(","))):
+                    precision or "auto", components=components):
         start = time.perf_counter()
         result = build(job, model, Path(args.engine_dir))
         print(f"{variant} {job.label}: {result.status} in {time.perf_counter() - start:.1f}s"
@@ -222,7 +272,8 @@ def build_engines(args: argparse.Namespace, variant: str) -> None:
 def run_worker(args: argparse.Namespace, backend: str) -> dict:
     command = [sys.executable, __file__, "--worker", backend] + [
         f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in ("worker", "backends", "arch", "torch_compile", "export_memory", "json") and value is not None]
+        if key not in ("worker", "backends", "arch", "torch_compile", "export_memory", "json", "flux_depth")
+        and value is not None]
     # "aotinductor+cudagraph": the same engines, replayed inside a CUDA graph.
     env = {**os.environ, "DTS_AOTI_CUDA_GRAPH": "1" if backend.endswith(CUDA_GRAPH_SUFFIX) else "0"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -255,13 +306,20 @@ def available_backends(device: str) -> list[str]:
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     eager = next(r for r in rows if r["backend"] == "eager")
     unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
-    header = f"| backend | UNet step ms | x eager | VAE decode ms | x eager | VAE encode ms | x eager " \
+    denoiser = "transformer" if args.arch == "flux" else "UNet"
+    header = f"| backend | {denoiser} step ms | x eager | VAE decode ms | x eager | VAE encode ms | x eager " \
              f"| image s ({args.e2e_steps} steps) | x eager | {unit} | x eager |"
     from dts_util.engines.device import device_info
 
     cpu = device_info("cpu")
-    print(f"\n{args.model} {args.resolution}, batch {args.batch_size} (UNet batch {args.batch_size * 2} with CFG), "
+    batch = f"transformer batch {args.batch_size}, guidance embedded" if args.arch == "flux" else \
+        f"UNet batch {args.batch_size * 2} with CFG"
+    print(f"\n{args.model} {args.resolution}, batch {args.batch_size} ({batch}), "
           f"device {args.device}, {os.cpu_count()} CPU cores: {cpu['name']} ({', '.join(cpu['isa'])})")
+    if args.arch == "flux":
+        double, single = args.flux_depth.split(",")
+        print(f"reduced-depth FLUX.1 [dev]: {double} of 19 double and {single} of 38 single blocks at full width; "
+              "a full transformer step is about 19/double or 38/single times longer per block type")
     if args.engine_components != DEFAULT_ENGINE_COMPONENTS:
         print(f"engine variants run engines for {args.engine_components} only; the rest runs eagerly")
     print(header)
@@ -279,7 +337,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["builtin", "sd15"], default="builtin")
+    parser.add_argument("--arch", choices=["builtin", "sd15", "flux"], default="builtin")
+    parser.add_argument("--flux-depth", default="1,2", help="--arch flux: DOUBLE,SINGLE blocks [default: 1,2]")
     parser.add_argument("--model", help="model name in --model-dir (overrides --arch)")
     parser.add_argument("--model-dir", default=str(REPO / "models"), help="model store [default: ./models]")
     parser.add_argument("--engine-dir", default=str(REPO / "engines"))
@@ -310,7 +369,10 @@ def main() -> None:
 
     store = ModelStore(Path(args.model_dir))
     if args.model is None:
-        args.model = ensure_sd15(store.root) if args.arch == "sd15" else ensure_builtin_model(store).name
+        if args.arch == "flux":
+            args.model = ensure_flux(store.root, args.flux_depth)
+        else:
+            args.model = ensure_sd15(store.root) if args.arch == "sd15" else ensure_builtin_model(store).name
     if args.resolution is None:
         size = inspect_model(args.model, store.model_path(args.model)).native_size
         args.resolution = f"{size}x{size}"

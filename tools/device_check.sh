@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: run it in a single `device` call on a lent H100/H200 (under 7 minutes).
+# The prepared GPU check: run it in a `device` call on a lent H100/H200 (steps 1-3 under 7 minutes), and
+# `--flux` (steps 1 and 4, under 5 minutes) in a second call.
 #
 #   1. the GPU and the versions that matter;
 #   2. pytest -m gpu: eager fp16 through a real server on an SD1.5-size model, the compiled path,
@@ -7,19 +8,24 @@
 #   3. a benchmark table: SD1.5 architecture, 512x512, batch 1 (UNet batch 2 with CFG), per UNet step
 #      eager vs torch.compile vs aotinductor (plain, and replayed in a CUDA graph), the VAE decode and a
 #      20-step image in the pipeline; then a 20-step image end to end through gRPC on the AOTInductor
-#      engine.
+#      engine;
+#   4. a full-size FLUX.1 [dev] transformer (12B, seeded random weights), 1024x1024, 28 steps: ms per step
+#      in eager bf16, torch.compile and fp8 (torchao), and each one's pixel difference from eager bf16
+#      (tools/bench_flux_step.py).
 # Markdown and JSON results go to $OUT (default /tmp/device_check); the exit status is non-zero if any
 # step failed (every step still runs).
 #
-#   bash tools/device_check.sh --dry-run    # the same steps on the CPU, built-in model, small sizes (CI)
+#   bash tools/device_check.sh --dry-run    # every step on the CPU, built-in and tiny models, small sizes (CI)
+#   bash tools/device_check.sh --flux       # only the FLUX.1 step (and the versions)
 #
 # The GPU machine has no network. Before the call, here: `bash tools/download_device_wheels.sh` (the
 # wheels of tools/device_wheels.txt into .whl/), then call with carry [".whl"]:
 #   bash tools/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY_RUN=0
+DRY_RUN=0 FLUX_ONLY=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+[ "${1:-}" = "--flux" ] && FLUX_ONLY=1
 OUT="${OUT:-/tmp/device_check}"
 mkdir -p "$OUT"
 WORK="$(mktemp -d /tmp/dts-device-check.XXXXXX)"
@@ -47,10 +53,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 if [ "$DRY_RUN" = 1 ]; then
     export DTS_GPU_DRY_RUN=1
     DEVICE=cpu MODEL_ARGS=(--arch builtin --resolution 128x128) RUNS=(--repeats 2 --e2e-steps 4)
-    SERVER_ARGS=(--sizes 128 --runs 1 --steps 4) LIMITS=(300 400 120)
+    SERVER_ARGS=(--sizes 128 --runs 1 --steps 4) LIMITS=(300 400 120 200) FLUX_ARGS=(--dry-run)
 else
     DEVICE=cuda MODEL_ARGS=(--arch sd15 --resolution 512x512) RUNS=(--repeats 30 --e2e-steps 20)
-    SERVER_ARGS=(--model bench-sd15-arch --sizes 512 --runs 2 --steps 20) LIMITS=(170 270 70)
+    SERVER_ARGS=(--model bench-sd15-arch --sizes 512 --runs 2 --steps 20) LIMITS=(170 270 70 260) FLUX_ARGS=()
 fi
 export DTS_GPU_MODEL_DIR="$WORK/models"
 mkdir -p "$DTS_GPU_MODEL_DIR"
@@ -71,6 +77,7 @@ PYTHON
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     | tee -a "$OUT/versions.log"
 
+if [ "$FLUX_ONLY" = 0 ]; then
 step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider \
     --junitxml="$OUT/gpu_tests.xml"
 
@@ -81,20 +88,32 @@ step bench_engines "${LIMITS[1]}" "$PY" tools/bench_engines.py "${MODEL_ARGS[@]}
 step bench_grpc "${LIMITS[2]}" "$PY" tools/bench_server.py "${SERVER_ARGS[@]}" --stream-only \
     --device "$DEVICE" --model-dir "$DTS_GPU_MODEL_DIR" --engine-dir "$WORK/engines" --json "$OUT/bench_grpc.json"
 
+fi
+if [ "$FLUX_ONLY" = 1 ] || [ "$DRY_RUN" = 1 ]; then
+step bench_flux "${LIMITS[3]}" "$PY" tools/bench_flux_step.py "${FLUX_ARGS[@]}" --json "$OUT/bench_flux.json"
+fi
+
 {
     echo "# dts-util GPU check$([ "$DRY_RUN" = 1 ] && echo ' (dry run on the CPU)'), $(date -u +%Y-%m-%d)"
     echo
     grep -v '^<==\|^==>' "$OUT/versions.log"
     echo
-    echo "## pytest -m gpu"
-    grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -1
-    echo
-    echo "## UNet step, VAE decode, image (tools/bench_engines.py)"
-    grep -E '^\||^engine variants|batch' "$OUT/bench_engines.log"
-    echo
-    echo "## End to end through gRPC (tools/bench_server.py)"
-    grep -E '^\||steps' "$OUT/bench_grpc.log"
-    echo
+    if [ -f "$OUT/gpu_tests.log" ]; then
+        echo "## pytest -m gpu"
+        grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -1
+        echo
+        echo "## UNet step, VAE decode, image (tools/bench_engines.py)"
+        grep -E '^\||^engine variants|batch' "$OUT/bench_engines.log"
+        echo
+        echo "## End to end through gRPC (tools/bench_server.py)"
+        grep -E '^\||steps' "$OUT/bench_grpc.log"
+        echo
+    fi
+    if [ -f "$OUT/bench_flux.log" ]; then
+        echo "## FLUX.1 [dev] transformer step (tools/bench_flux_step.py)"
+        grep -E '^\||^FLUX' "$OUT/bench_flux.log"
+        echo
+    fi
     echo "failed steps: ${failed[*]:-none}"
 } > "$OUT/device_check.md"
 cat "$OUT/device_check.md"

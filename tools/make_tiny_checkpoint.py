@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dts_util.models.builtin import clip_vocabulary
+from dts_util.models.clip_vocab import clip_vocabulary
 from dts_util.models.families import config_folder
 
 TOOL = Path(__file__).resolve().parent / "convert_to_single_file.py"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dts_util.models.builtin import clip_vocabulary
+from dts_util.models.clip_vocab import clip_vocabulary
 
 SEED = 4321
 # Toy widths: the T5 and CLIP widths are what the transformer's joint attention and pooled projection read.

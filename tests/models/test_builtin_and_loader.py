@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dts_util.errors import ModelLoadError
-from dts_util.models.builtin import clip_vocabulary, ensure_builtin_model
+from dts_util.models.builtin import ensure_builtin_model
+from dts_util.models.clip_vocab import clip_vocabulary
 from dts_util.models.loader import inspect_model, load_model, model_fingerprint
 from dts_util.models.store import ModelStore
 

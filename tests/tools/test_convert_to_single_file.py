@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dts_util.models.builtin import clip_vocabulary
+from dts_util.models.clip_vocab import clip_vocabulary
 from tests.tools import load_tool
 
 conv = load_tool("convert_to_single_file")

@@ -25,3 +25,6 @@ def test_the_gpu_check_dry_run_executes_every_step(tmp_path: Path) -> None:
     assert {"eager", "torch-compile", "aotinductor"} <= set(rows) and all("error" not in r for r in rows.values())
     grpc_rows = json.loads((tmp_path / "bench_grpc.json").read_text())
     assert grpc_rows[0]["backends"]["unet"] == "aotinductor" and grpc_rows[0]["client_ms"] > 0
+    flux = {row["variant"]: row for row in json.loads((tmp_path / "bench_flux.json").read_text())["rows"]}
+    assert flux["eager bf16"]["step_ms"] > 0 and flux["torch.compile bf16"]["pixel_max_diff"] <= 255
+    assert flux["fp8 (torchao)"]["skipped"] == "fp8 matmuls need a CUDA GPU"

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from dts_util.models.builtin import clip_vocabulary
+from dts_util.models.clip_vocab import clip_vocabulary
 from dts_util.models.store import publish_folder
 
 # OpenAI's CLIP tokenizer pads with its end token; OpenCLIP's (SD2, SDXL's second

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from dts_util.errors import ModelLoadError
 from dts_util.client_text import for_log, quote
-from dts_util.models.store import read_json_file, read_model_index
+from dts_util.models.store import read_model_index
 
 if TYPE_CHECKING:
     from dts_util.families import ModelFamily
