@@ -68,6 +68,8 @@ class ModelInfo:
 
     @property
     def prediction_type(self) -> str:
+        if str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch"):
+            return "flow_prediction"  # the model predicts the velocity from noise to image
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
