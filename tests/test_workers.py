@@ -82,3 +82,14 @@ def test_auto_is_every_gpu_or_the_cpu() -> None:
 def test_bad_device_lists_say_what_to_write(spec: str, words: str) -> None:
     with pytest.raises(StartupError, match=words):
         resolve_devices(spec)
+
+
+def test_fp8_is_refused_where_there_are_no_fp8_tensor_cores(base_config) -> None:
+    from dataclasses import replace
+
+    from dts_util.config import check_fp8
+    from dts_util.workers import WorkerPool
+
+    check_fp8(False, "cpu")  # off: nothing to check
+    with pytest.raises(StartupError, match="--fp8 needs a CUDA GPU with fp8 tensor cores"):
+        WorkerPool.for_devices(replace(base_config, fp8=True), use_engines=False)

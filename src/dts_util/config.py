@@ -108,6 +108,7 @@ class ServerConfig:
     torch_compile: bool = False
     compile_resolutions: tuple[tuple[int, int], ...] = ()
     channels_last: bool = False
+    fp8: bool = False  # the eager denoiser's linear layers in float8 (torchao; CUDA, compute capability 8.9+)
     auth_token: str = field(default="", repr=False)
     allow_no_auth: bool = False
     tls_cert: Path | None = None
@@ -161,6 +162,28 @@ def check_dtype(dtype: str, device: str) -> None:
         raise StartupError("--dtype bf16 needs a CPU with AVX512_BF16 or AMX; this one has neither (use fp32)")
     if dtype == "fp16":
         raise StartupError("--dtype fp16 is for CUDA devices; on the CPU use fp32, or bf16 where supported")
+
+
+def check_fp8(enabled: bool, device: str) -> None:
+    """``--fp8`` runs the denoiser's matmuls in float8 with torchao: that needs fp8 tensor cores (compute
+    capability 8.9: Ada, Hopper and newer) and torchao; anywhere else it is refused at start-up."""
+    if not enabled:
+        return
+    from dts_util.errors import StartupError
+
+    if not device.startswith("cuda"):
+        raise StartupError(f"--fp8 needs a CUDA GPU with fp8 tensor cores (compute capability 8.9+: L4, RTX 40, "
+                           f"H100, ...); {device} has none. Leave --fp8 off, or serve on such a GPU")
+    import torch
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    capability = torch.cuda.get_device_capability(index)
+    if capability < (8, 9):
+        raise StartupError(f"--fp8 needs compute capability 8.9 or newer; {device} has {capability[0]}.{capability[1]}")
+    try:
+        import torchao.quantization  # noqa: F401 - only whether it imports
+    except ImportError:
+        raise StartupError("--fp8 quantizes with torchao, which is not installed: pip install torchao") from None
 
 
 MAX_WORKERS = 16

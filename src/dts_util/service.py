@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, ModelDescription, Shape
-from dts_util.config import ServerConfig, check_dtype, resolve_device
+from dts_util.config import ServerConfig, check_dtype, check_fp8, resolve_device
 from dts_util.engines.components import VAE_DECODER, VAE_ENCODER, ComponentDescriptor
 from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
-from dts_util.errors import RequestTooLarge
+from dts_util.errors import FeatureUnavailable, RequestTooLarge
 from dts_util.limits import MAX_RESPONSE_BYTES, MAX_PROMPT_CHARS
 from dts_util.models.loader import LoadedModel, load_model, model_stamp
 from dts_util.metrics import observe_generation
@@ -114,6 +114,7 @@ class ImageService:
         self.store = store or ModelStore(config.model_dir, config.upload_policy)
         self.device = resolve_device(config.device)
         check_dtype(config.dtype, self.device)
+        check_fp8(config.fp8, self.device)
         self.engines = engines
         if config.torch_compile:
             from dts_util.pipeline.compiled import use_engine_dir_cache
@@ -182,7 +183,7 @@ class ImageService:
             if cached is not None:
                 log.info("files of model %r changed; loading it again", canonical)
                 self._drop(canonical)
-            model = load_model(canonical, path, self.device, dtype=self.config.dtype,
+            model = load_model(canonical, path, self.device, dtype=self.config.dtype, fp8=self.config.fp8,
                                fingerprint_cache=fingerprint_cache(self.config.engine_dir),
                                channels_last=self.config.channels_last)
             self._models[canonical] = _CachedModel(stamp, model)
@@ -251,6 +252,9 @@ class ImageService:
         if not streamed:
             check_response_fits(resolved)
         if resolved.loras:
+            if self.config.fp8:
+                raise FeatureUnavailable("this server runs its denoisers in fp8 (--fp8), which LoRA adapters cannot "
+                                         "attach to; send the request without LoRAs, or use a server without --fp8")
             resolved = replace(resolved, loras=resolve_loras(self.store, resolved.loras))
         return model, resolved
 

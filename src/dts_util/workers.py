@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, UpdateCallback
-from dts_util.config import ServerConfig, check_dtype, resolve_devices
+from dts_util.config import ServerConfig, check_dtype, check_fp8, resolve_devices
 from dts_util.models.store import ModelStore
 from dts_util.work_queue import GenerationQueue
 
@@ -101,6 +101,7 @@ class WorkerPool:
         devices = resolve_devices(config.device)
         for device in set(devices):
             check_dtype(config.dtype, device)
+            check_fp8(config.fp8, device)
         store = ModelStore(config.model_dir, config.upload_policy)
         builds = None
         if use_engines and config.build_missing:

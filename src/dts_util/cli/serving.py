@@ -84,6 +84,10 @@ def serve(
     compile_resolution: Annotated[Optional[list[str]], typer.Option(
         help="WIDTHxHEIGHT to compile at start-up with --torch-compile; repeatable.",
         show_default="the default model's native size", rich_help_panel=BUILD)] = None,
+    fp8: Annotated[bool, typer.Option(
+        help="Run the eager denoiser's linear layers in float8 (torchao; CUDA GPUs of compute capability 8.9+, e.g. "
+             "H100). Halves a FLUX transformer's memory; requests with LoRAs are refused.",
+        rich_help_panel=BUILD)] = False,
     channels_last: Annotated[bool, typer.Option(
         help="Eager UNet and VAE in channels-last layout (faster convolutions on some GPUs).",
         rich_help_panel=BUILD)] = False,
@@ -109,7 +113,7 @@ def serve(
             min_free_disk_bytes=min_free_disk, max_concurrent_uploads=max_concurrent_uploads,
             upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=devices, dtype=dtype,
             png_compression=png_compression, metrics_port=metrics_port, metrics_address=metrics_address,
-            build_missing=build_missing, torch_compile=torch_compile, channels_last=channels_last,
+            build_missing=build_missing, torch_compile=torch_compile, channels_last=channels_last, fp8=fp8,
             compile_resolutions=_parse_resolutions(compile_resolution), auth_token=token, allow_no_auth=no_auth,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, advertise=advertise,
             advertise_name=advertise_name)

@@ -216,6 +216,8 @@ class LoadedModel:
     loras: tuple = ()
     # UNet and VAE in channels-last memory layout (faster convolutions on some GPUs: measure).
     channels_last: bool = False
+    # The denoiser's linear layers quantized to float8 after loading (serve --fp8).
+    fp8: bool = False
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
@@ -297,6 +299,8 @@ class LoadedModel:
         """The eager denoiser (UNet or transformer), with this model's fused LoRA set switched on."""
         def load() -> Any:
             module = self.family.load_denoiser(self)
+            if self.fp8:
+                module = quantize_fp8(module)
             if self.loras:
                 self.lora_applier.activate(self.loras, module, [])
             return module
@@ -384,8 +388,18 @@ def default_dtype(device: str, dtype: str = "auto", info: ModelInfo | None = Non
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
+def quantize_fp8(module: Any) -> Any:
+    """Every linear layer of ``module`` with float8-e4m3 weights and per-row dynamically scaled float8
+    activations (torchao), for GPUs with fp8 tensor cores; ``check_fp8`` vouched for them at start-up."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return module
+
+
 def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | None = None,
-               config_cache: Path | None = None, dtype: str = "auto", channels_last: bool = False) -> LoadedModel:
+               config_cache: Path | None = None, dtype: str = "auto", channels_last: bool = False,
+               fp8: bool = False) -> LoadedModel:
     """Inspect a diffusers model folder or a checkpoint file; components load on first use.
 
     Args:
@@ -399,4 +413,4 @@ def load_model(name: str, path: Path, device: str, fingerprint_cache: Path | Non
                         else Path(tempfile.gettempdir()) / "dts-util") / "single-file-configs"
     info = inspect_model(name, path, config_cache)
     return LoadedModel(info, device, default_dtype(device, dtype, info), fingerprint_cache,
-                       channels_last=channels_last)
+                       channels_last=channels_last, fp8=fp8)
