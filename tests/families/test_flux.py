@@ -297,3 +297,19 @@ def test_the_app_protocol_lists_flux1_and_maps_its_flux_settings(flux_server, re
         expected = _diffusers(reference, seeds=(8,), num_inference_steps=3, width=128, height=64, guidance_scale=4.0,
                               negative_prompt="green", true_cfg_scale=4.5)
         assert np.abs(result_pixels(images[0]) - expected[0]).max() <= 2
+
+
+def test_schnell_is_told_apart_by_its_config_and_matches_flux_pipeline(make_server, tmp_path) -> None:
+    from diffusers import FluxPipeline
+
+    folder = load_tool("make_tiny_flux").build(tmp_path / "tiny-schnell", schnell=True)
+    server = make_server(own_store=True)
+    shutil.copytree(folder, server.config.model_dir / "flux" / "tiny-schnell")
+    with server.client(timeout=300) as client:
+        summary = next(s for s in client.echo().model_summaries if s.name == "flux/tiny-schnell")
+        assert (summary.family, summary.default_steps) == ("flux1", 4)  # step-distilled: few steps, no guidance
+        reply = client.generate(model="flux/tiny-schnell", prompt=PROMPT, width=WIDTH, height=HEIGHT, seed=3)
+    assert json.loads(reply.info)["steps"] == 4
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    _assert_close(list(reply.images), _diffusers(pipe, seeds=(3,), num_inference_steps=4))
