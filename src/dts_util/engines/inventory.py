@@ -10,7 +10,7 @@ from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.paths import fingerprint_cache, safe_name
 from dts_util.engines.registry import EngineRecord, EngineRegistry
 from dts_util.errors import DtsError
-from dts_util.models.loader import model_fingerprint
+from dts_util.models.loader import inspect_model, model_fingerprint
 from dts_util.models.store import ModelStore
 
 
@@ -22,8 +22,7 @@ def engine_status(engine_dir: Path, model_dir: Path) -> list[tuple[EngineRecord,
     for record in EngineRegistry(engine_dir).records():
         if record.model not in fingerprints:
             try:
-                fingerprints[record.model] = model_fingerprint(store.require_model(record.model),
-                                                               fingerprint_cache(engine_dir))
+                fingerprints[record.model] = _fingerprint(store, record.model, engine_dir)
             except DtsError:  # not in the store (or a manifest naming an unsafe path)
                 fingerprints[record.model] = None
         fingerprint = fingerprints[record.model]
@@ -33,6 +32,19 @@ def engine_status(engine_dir: Path, model_dir: Path) -> list[tuple[EngineRecord,
         rows.append((record, unreadable_reason(record.engine_path)
                       or EngineRegistry.unusable_reason(record, fingerprint, _device_here(record), versions)))
     return rows
+
+
+def _fingerprint(store: ModelStore, name: str, engine_dir: Path) -> str:
+    """What the model's engines are keyed by now: its weights, with a single file's companions (FLUX's encoders
+    and VAE) where its family names them."""
+    path = store.require_model(name)
+    companions: tuple[Path, ...] = ()
+    if path.is_file():
+        try:
+            companions = tuple(inspect_model(name, path, engine_dir / "single-file-configs").files.values())
+        except DtsError:
+            companions = ()
+    return model_fingerprint(path, fingerprint_cache(engine_dir), companions)
 
 
 def unreadable_reason(engine_file: Path) -> str | None:

@@ -145,16 +145,18 @@ def weight_files(path: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def model_fingerprint(path: Path, cache_file: Path | None = None) -> str:
-    """SHA-256 over a model's weight files (names and bytes); of a single-file checkpoint, the file's SHA-256.
+def model_fingerprint(path: Path, cache_file: Path | None = None, companions: tuple[Path, ...] = ()) -> str:
+    """SHA-256 over a model's weight files (names and bytes); of a single-file checkpoint, the file's SHA-256;
+    of a single file with ``companions`` (FLUX's text encoders and VAE), over all of them with their names.
 
     Hashing SD1.5's 4 GB takes seconds, so results are cached in ``cache_file``
     keyed by each file's size and modification time; a changed file is rehashed.
     """
-    files = weight_files(path)
-    stamp = [[f.name if path.is_file() else str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
-             for f in files]
-    key = str(path.resolve())
+    companions = tuple(sorted({c for c in companions if c != path}))
+    files = weight_files(path) + list(companions)
+    named = not path.is_file() or bool(companions)
+    stamp = [[_weight_name(path, f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = "|".join(str(f.resolve()) for f in (path, *companions))
     cache: dict[str, Any] = {}
     if cache_file is not None and cache_file.is_file():
         try:
@@ -165,8 +167,8 @@ def model_fingerprint(path: Path, cache_file: Path | None = None) -> str:
         return cache[key]["sha256"]
     digest = hashlib.sha256()
     for f in files:
-        if not path.is_file():
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        if named:
+            digest.update(_weight_name(path, f).encode() + b"\0")
         with f.open("rb") as fh:
             while block := fh.read(1 << 22):
                 digest.update(block)
@@ -175,6 +177,11 @@ def model_fingerprint(path: Path, cache_file: Path | None = None) -> str:
         cache[key] = {"stamp": stamp, "sha256": result}
         _save_fingerprints(cache_file, cache)
     return result
+
+
+def _weight_name(path: Path, file: Path) -> str:
+    """A weight file's name in a fingerprint: relative to its model folder, else its own name."""
+    return str(file.relative_to(path)) if not path.is_file() and path in file.parents else file.name
 
 
 def _save_fingerprints(cache_file: Path, cache: dict) -> None:
@@ -234,7 +241,8 @@ class LoadedModel:
         from dts_util.models.lora import lora_set_fingerprint
 
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.info.path, self.fingerprint_cache)
+            self._fingerprint = model_fingerprint(self.info.path, self.fingerprint_cache,
+                                                  tuple(self.info.files.values()))
         return lora_set_fingerprint(self._fingerprint, self.loras)
 
     def with_loras(self, loras: tuple) -> "LoadedModel":
