@@ -50,10 +50,9 @@ FOLDER_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, diffusers' default for FLUX.1
 CLIP_LENGTH = 77
 DISTILLED_GUIDANCE = 3.5  # diffusers' FluxPipeline default
-NATIVE_SIZE = 1024
+DEFAULT_SAMPLE_SIZE = 128  # latent pixels per side: diffusers' FLUX default (1024 pixels with FLUX.1's 8x VAE)
 DEV_STEPS, SCHNELL_STEPS = 28, 4
 IMG2IMG_STRENGTH = 0.6  # diffusers' FluxImg2ImgPipeline and FluxInpaintPipeline default
-SIZE_MULTIPLE = 16  # 8x VAE, then 2x2 patches
 # FLUX.1's VAE latent statistics (published with the model; they leave no trace in tensor shapes).
 VAE_SCALING, VAE_SHIFT = 0.3611, 0.1159
 BFL_PREFIXES = ("model.diffusion_model.", "")
@@ -145,12 +144,16 @@ class FluxFamily(ModelFamily):
                 "is_consistency_model": False}
 
     def native_size(self, info: "ModelInfo") -> int:
-        return NATIVE_SIZE
+        return DEFAULT_SAMPLE_SIZE * info.vae_scale_factor
+
+    def size_multiple(self, info: "ModelInfo") -> int:
+        """Latent pixels come in 2x2 patches: 16 pixels with FLUX.1's 8x VAE, as diffusers requires."""
+        return 2 * info.vae_scale_factor
 
     def defaults(self, info: "ModelInfo") -> FamilyDefaults:
         distilled = _guidance_distilled(info)
-        return FamilyDefaults(NATIVE_SIZE, DEV_STEPS if distilled else SCHNELL_STEPS, DISTILLED_GUIDANCE,
-                              DEFAULT_SAMPLER, SIZE_MULTIPLE, IMG2IMG_STRENGTH, distilled_guidance=True,
+        return FamilyDefaults(self.native_size(info), DEV_STEPS if distilled else SCHNELL_STEPS, DISTILLED_GUIDANCE,
+                              DEFAULT_SAMPLER, self.size_multiple(info), IMG2IMG_STRENGTH, distilled_guidance=True,
                               flow_matching=True)
 
     def check_sampler(self, info: "ModelInfo", sampler: Sampler) -> Sampler:
