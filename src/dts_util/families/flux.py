@@ -406,6 +406,11 @@ class FluxTransformerComponent(ComponentDescriptor):
     def _guidance(self, info: "ModelInfo") -> bool:
         return _guidance_distilled(info)
 
+    def build_precision(self, info: "ModelInfo", precision: str) -> str:
+        """bf16 where fp16 is asked for (TensorRT's and AOTInductor's CUDA default): FLUX's activations overflow
+        fp16, and NVIDIA's diffusion demo builds its transformer in bf16 too."""
+        return "bf16" if precision == "fp16" else precision
+
     def dynamic_axes(self, info: "ModelInfo") -> dict[str, dict[int, str]]:
         axes = {"hidden_states": {0: "batch", 1: "image_tokens"}, "timestep": {0: "batch"},
                 "encoder_hidden_states": {0: "batch", 1: "text_tokens"}, "pooled_projections": {0: "batch"},
