@@ -309,3 +309,57 @@ def test_replacing_a_loaded_models_file_reloads_it(make_server) -> None:
         assert "builtin-tiny-sd" not in server.service.loaded_models()
         assert client.generate(prompt="after", steps=1, seed=3).images
     assert server.service.model("builtin-tiny-sd") is not before
+
+
+def test_two_uploads_racing_for_one_new_name_never_replace_each_other(tmp_path) -> None:
+    from dts_util.errors import FileExists
+
+    # The race itself, step by step: both pass finish()'s check while the name is free, then both publish.
+    store = ModelStore(tmp_path)
+    first, second = store.open_upload("race/model.bin"), store.open_upload("race/model.bin")
+    first.write(b"first" * 1000)
+    second.write(b"second" * 1000)
+    first.finish()
+    second.finish()
+    first.publish()
+    with pytest.raises(FileExists):
+        second.publish()
+    second.abort()
+    assert (tmp_path / "race/model.bin").read_bytes() == b"first" * 1000 and not _leftovers(tmp_path)
+    # The same bytes racing in: the loser is an idempotent re-upload, not an error.
+    third, fourth = store.open_upload("race/same.bin"), store.open_upload("race/same.bin")
+    for upload in (third, fourth):
+        upload.write(b"same" * 1000)
+        upload.finish()
+    third.publish()
+    fourth.publish()
+    assert fourth.unchanged and (tmp_path / "race/same.bin").read_bytes() == b"same" * 1000
+
+
+def test_racing_clients_get_one_ok_and_already_exists_and_every_reported_hash_is_on_disk(make_server) -> None:
+    server = make_server(own_store=True)
+    root = server.config.model_dir
+    outcomes: list[tuple[str, str, str]] = []
+
+    def upload(name: str, data: bytes) -> None:
+        with server.client(timeout=60) as client:
+            try:
+                reply = _send(client, pb.UploadFileRequest(filename=name, sha256=hashlib.sha256(data).hexdigest(),
+                                                           total_size=len(data)), pb.UploadFileRequest(data=data))
+                outcomes.append((name, "OK", reply.sha256))
+            except grpc.RpcError as exc:
+                outcomes.append((name, exc.code().name, ""))
+
+    for round_ in range(12):  # two clients at a time: the server's concurrent-upload limit is not what is tested
+        pair = [threading.Thread(target=upload, args=(f"race/{round_}.bin", os.urandom(200_000))) for _ in range(2)]
+        for thread in pair:
+            thread.start()
+        for thread in pair:
+            thread.join(60)
+    for round_ in range(12):
+        name = f"race/{round_}.bin"
+        results = sorted(outcome for n, outcome, _ in outcomes if n == name)
+        assert results == ["ALREADY_EXISTS", "OK"], (name, results)
+        reported = next(digest for n, outcome, digest in outcomes if n == name and outcome == "OK")
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == reported
+    assert not _leftovers(root)

@@ -360,7 +360,8 @@ class Upload:
     """One file being written: ``write`` chunks, then ``finish`` + ``publish``, or ``abort``.
 
     Nothing appears at the target path until ``publish``; an existing file is
-    replaced only with ``overwrite``, and then atomically. ``finish`` does the slow
+    replaced only with ``overwrite``, and then atomically; without it, a file that appears
+    between ``finish`` and ``publish`` (another upload's) is never replaced. ``finish`` does the slow
     part (checks, fsync, comparing with an existing file) so that ``publish`` is a
     single rename the caller can run right after its last check that the client is
     still there.
@@ -436,16 +437,44 @@ class Upload:
         return digest
 
     def publish(self) -> None:
-        """Rename into place (atomic; replaces the target only with overwrite). Call after ``finish``."""
+        """Put the file in place. Without overwrite it is linked under the target's name, which fails rather than
+        replace a file another upload published since ``finish`` looked (FileExists, or ``unchanged`` when that file
+        holds the same bytes); with overwrite it is renamed over the target, atomically. Call after ``finish``."""
         self._close()
-        if self.unchanged:
-            self._tmp.unlink(missing_ok=True)
-        else:
+        if not self.unchanged:
             os.chmod(self._tmp, 0o666 & ~_umask())  # stored files follow the umask, like any other
-            os.replace(self._tmp, self.target)
+            if self.overwrite:
+                os.replace(self._tmp, self.target)
+            else:
+                self._link_into_place()
             self._created = []
             _fsync_folder(self.target.parent)
+        self._tmp.unlink(missing_ok=True)
         self.store._release(self)
+
+    def _link_into_place(self) -> None:
+        """A hard link cannot replace an existing name: of two uploads racing for one new name exactly one wins."""
+        try:
+            os.link(self._tmp, self.target, follow_symlinks=False)
+        except FileExistsError:
+            if self.target.is_file() and self.target.stat().st_size == self.size \
+                    and _sha256_of(self.target) == self._sha.hexdigest():
+                self.unchanged = True  # the same bytes won the race: an idempotent re-upload
+                return
+            raise FileExists(_exists_message(self.name)) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+            self._claim_and_rename()  # a file system without hard links
+
+    def _claim_and_rename(self) -> None:
+        """Claim the name with an exclusively created placeholder, then rename over it: racing uploads through
+        this store still cannot replace each other's file."""
+        try:
+            os.close(os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
+            raise FileExists(_exists_message(self.name)) from None
+        os.replace(self._tmp, self.target)
 
     def abort(self) -> None:
         """Drop the temporary file and the folders this upload created; the target stays untouched."""
