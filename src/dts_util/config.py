@@ -109,6 +109,13 @@ class ServerConfig:
     compile_resolutions: tuple[tuple[int, int], ...] = ()
     channels_last: bool = False
     fp8: bool = False  # the eager denoiser's linear layers in float8 (torchao; CUDA, compute capability 8.9+)
+    # HTTP/2 streams one connection may have open at once (advertised to clients; past it a call is refused with
+    # UNAVAILABLE, which clients may retry). High, since gRPC's Python client does not queue behind a low one.
+    max_concurrent_streams: int = 10_000
+    # Ping an idle connection after this many seconds and drop it when the ping is not answered within as many
+    # again: a client that vanished without closing (a phone leaving Wi-Fi) is noticed and its generation stopped.
+    keepalive_seconds: float = 20.0
+    max_generation_seconds: float = 0.0  # one generation's wall time (0 = no cap); past it DEADLINE_EXCEEDED
     auth_token: str = field(default="", repr=False)
     allow_no_auth: bool = False
     tls_cert: Path | None = None
@@ -122,10 +129,11 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        for name in ("max_upload_bytes", "max_concurrent_uploads", "max_loaded_models", "upload_idle_timeout"):
+        for name in ("max_upload_bytes", "max_concurrent_uploads", "max_loaded_models", "upload_idle_timeout",
+                     "max_concurrent_streams", "keepalive_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_store_bytes", "min_free_disk_bytes"):
+        for name in ("max_store_bytes", "min_free_disk_bytes", "max_generation_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.png_compression != "fast" and self.png_compression not in tuple("0123456789"):

@@ -110,6 +110,12 @@ class GenerationCancelled(CallCancelled):
     """The client cancelled or its deadline passed; generation stopped at a step boundary."""
 
 
+class GenerationTimedOut(DtsError):
+    """One generation ran past the server's --max-generation-seconds; it stopped at a step boundary."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class BackendUnavailable(DtsError):
     """An engine backend (tensorrt, onnxruntime) cannot be imported or has no device."""
 

@@ -54,6 +54,9 @@ class GenerationQueue:
             async with self._lock:
                 STAGE_SECONDS.labels("queue_wait").observe(time.perf_counter() - queued)
                 future = asyncio.get_running_loop().run_in_executor(self._executor, job)
+                # A call cancelled twice stops waiting below before the job ends: its GenerationCancelled is then
+                # seen here, not logged as "never retrieved".
+                future.add_done_callback(lambda done: done.cancelled() or done.exception())
                 try:
                     return await asyncio.shield(future)
                 except asyncio.CancelledError:

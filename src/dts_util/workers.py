@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, UpdateCallback
 from dts_util.config import ServerConfig, check_dtype, check_fp8, resolve_devices
+from dts_util.errors import GenerationTimedOut
 from dts_util.models.store import ModelStore
 from dts_util.work_queue import GenerationQueue
 
@@ -39,6 +41,23 @@ def _pin_device(device: str) -> Callable[[], None] | None:
         torch.cuda.set_device(device)
 
     return pin
+
+
+def _stop_check(stop: threading.Event, cap: float) -> Callable[[], bool]:
+    """What the pipeline polls between steps: the call ended (``stop``), or, past ``cap`` seconds from the start
+    of the generation, GenerationTimedOut."""
+    started = time.monotonic()
+
+    def should_stop() -> bool:
+        if stop.is_set():
+            return True
+        if cap and time.monotonic() - started > cap:
+            raise GenerationTimedOut(f"the generation ran past this server's limit of {cap:g} s per generation "
+                                     "(--max-generation-seconds) and was stopped; ask for fewer steps, a smaller "
+                                     "size or fewer images")
+        return False
+
+    return should_stop
 
 
 class Worker:
@@ -71,7 +90,12 @@ class Worker:
                        on_update: UpdateCallback | None) -> GenerationOutput:
         model, resolved = await asyncio.to_thread(self.service.prepare, request, streamed)
         stop = threading.Event()
-        return await self.queue.run(lambda: self.service.generate(model, resolved, stop.is_set, on_update), stop)
+        cap = self.service.config.max_generation_seconds
+
+        def job() -> GenerationOutput:
+            return self.service.generate(model, resolved, _stop_check(stop, cap), on_update)
+
+        return await self.queue.run(job, stop)
 
     def holds_model(self, name: str) -> bool:
         return self.service.holds_model(name)

@@ -58,6 +58,16 @@ def serve(
     upload_idle_timeout: Annotated[float, typer.Option(help="Seconds an upload may send nothing before it is "
                                                             "aborted.", rich_help_panel=LIMITS)]
     = limits.DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+    max_concurrent_streams: Annotated[int, typer.Option(
+        help="Calls one connection may have open at once (advertised to clients; past it a call is refused with "
+             "UNAVAILABLE, which a client may retry).",
+        rich_help_panel=LIMITS)] = 10_000,
+    keepalive_seconds: Annotated[float, typer.Option(
+        help="Ping a quiet connection after this many seconds and drop it when the ping goes unanswered as long "
+             "again: a vanished client's generation stops.", rich_help_panel=LIMITS)] = 20.0,
+    max_generation_seconds: Annotated[float, typer.Option(
+        help="Longest one generation may run before it is stopped with DEADLINE_EXCEEDED (0 = no limit).",
+        rich_help_panel=LIMITS)] = 0.0,
     max_loaded_models: Annotated[int, typer.Option(help="Models kept in memory at once (least recently used go "
                                                         "first).", rich_help_panel=LIMITS)]
     = limits.DEFAULT_MAX_LOADED_MODELS,
@@ -112,6 +122,8 @@ def serve(
             max_queue=max_queue, max_upload_bytes=max_upload_bytes, max_store_bytes=max_store_bytes,
             min_free_disk_bytes=min_free_disk, max_concurrent_uploads=max_concurrent_uploads,
             upload_idle_timeout=upload_idle_timeout, max_loaded_models=max_loaded_models, device=devices, dtype=dtype,
+            max_concurrent_streams=max_concurrent_streams, keepalive_seconds=keepalive_seconds,
+            max_generation_seconds=max_generation_seconds,
             png_compression=png_compression, metrics_port=metrics_port, metrics_address=metrics_address,
             build_missing=build_missing, torch_compile=torch_compile, channels_last=channels_last, fp8=fp8,
             compile_resolutions=_parse_resolutions(compile_resolution), auth_token=token, allow_no_auth=no_auth,

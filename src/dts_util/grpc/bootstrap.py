@@ -110,6 +110,19 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     return port
 
 
+MAX_PENDING_CALLS = 20_000
+
+
+def keepalive_options(seconds: float) -> list[tuple[str, int]]:
+    """Ping every connection after ``seconds`` without traffic and close it when the ping goes unanswered for as
+    long again: its calls are cancelled, so a vanished client's generation stops at its next step. Clients may
+    ping every 10 s (gRPC's default server policy would answer frequent pings with GOAWAY)."""
+    milliseconds = int(seconds * 1000)
+    return [("grpc.keepalive_time_ms", milliseconds), ("grpc.keepalive_timeout_ms", milliseconds),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+
+
 async def start_server(config: ServerConfig, generator: ImageGenerator,
                        protocols: tuple[ProtocolService, ...] = PROTOCOLS) -> RunningServer:
     """Bind, register ``protocols`` over ``generator`` and start; health says NOT_SERVING until
@@ -121,7 +134,14 @@ async def start_server(config: ServerConfig, generator: ImageGenerator,
                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
                # gRPC sets SO_REUSEPORT by default: a second server on a busy port would "start" and
                # share its clients with the first. One server per port.
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0),
+               # Advertised to clients (SETTINGS_MAX_CONCURRENT_STREAMS): a flood of calls queues in the client.
+               ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+               # Calls accepted by the transport and waiting for a handler: past gRPC's default of 1000 (hard 3000)
+               # a flood's calls are cancelled without a word; a queue this deep costs memory, not the device.
+               ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+               ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
+               *keepalive_options(config.keepalive_seconds)]
     interceptor = RequestInterceptor(
         config.auth_token, path_scrubber(config),
         own_secret_prefixes=tuple(p.method_prefix for p in protocols if p.checks_own_secret),

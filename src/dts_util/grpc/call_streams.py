@@ -98,6 +98,8 @@ async def generation_stream(generator: ImageGenerator, request: GenerationReques
         loop.call_soon_threadsafe(updates.put_nowait, to_message(event, preview))
 
     job = asyncio.ensure_future(generator.generate(request, streamed=True, on_update=on_update))
+    # A call that ends early never awaits the job again: its GenerationCancelled is expected, not worth a traceback.
+    job.add_done_callback(_retrieve_outcome)
     # A client that goes away while an update is being sent leaves the caller parked at its yield; the
     # call's end still stops the generation.
     context.add_done_callback(lambda _: loop.call_soon_threadsafe(job.cancel))
@@ -115,6 +117,12 @@ async def generation_stream(generator: ImageGenerator, request: GenerationReques
         job.cancel()  # the worker's queue sets the stop flag; the generation ends at its next step
         raise
     yield output
+
+
+def _retrieve_outcome(task: asyncio.Future) -> None:
+    """Mark a finished task's exception as seen (asyncio logs "exception was never retrieved" otherwise)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def open_upload(store: Any, name: str, overwrite: bool, declared_size: int) -> Any:
