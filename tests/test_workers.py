@@ -60,9 +60,14 @@ def test_the_pool_sends_a_request_to_the_idle_worker(two_worker_server) -> None:
         assert pool.pick("") is idle
     finally:
         busy.assigned -= 1
-    # Equally free: the worker that already holds the model wins.
-    holder = next(w for w in pool.workers if w.holds_model("builtin-tiny-sd"))
-    assert pool.pick("builtin-tiny-sd") is holder
+    # Equally free: the worker that already holds the model wins, even when it is not the first one.
+    first, second = pool.workers
+    with first.service._lock:
+        if "builtin-tiny-sd" in first.service._models:
+            first.service._drop("builtin-tiny-sd")
+    second.service.model("builtin-tiny-sd")
+    assert not first.holds_model("builtin-tiny-sd") and second.holds_model("builtin-tiny-sd")
+    assert pool.pick("builtin-tiny-sd") is second
 
 
 @pytest.mark.parametrize("spec, expected", [("cpu", ["cpu"]), ("cpu, cpu", ["cpu", "cpu"])])

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.tensorrt
 
 def test_fp16_unet_and_vae_engines_build_and_validate(cpu_model, tmp_path) -> None:
     jobs = plan(cpu_model, tmp_path, [(128, 128)], [1], backend_name="tensorrt", precision="fp16")
-    assert [j.backend.name for j in jobs] == ["tensorrt", "tensorrt"]
+    assert [(j.component.name, j.backend.name) for j in jobs] == [
+        ("unet", "tensorrt"), ("vae_decoder", "tensorrt"), ("vae_encoder", "tensorrt")]  # the plan's three
     for job in jobs:
         result = build(job, cpu_model, tmp_path)
         assert result.status == "built" and result.rel_l2 < 3e-2
