@@ -15,7 +15,7 @@
 # Markdown and JSON results go to $OUT (default /tmp/device_check); the exit status is non-zero if any
 # step failed (every step still runs).
 #
-#   bash tools/device_check.sh --dry-run    # every step on the CPU, built-in and tiny models, small sizes (CI)
+#   bash tools/device_check.sh --dry-run    # a smoke run of every step on the CPU, small models and sizes (CI)
 #   bash tools/device_check.sh --flux       # only the FLUX.1 step (and the versions)
 #
 # The GPU machine has no network. Before the call, here: `bash tools/download_device_wheels.sh` (the
@@ -54,9 +54,13 @@ if [ "$DRY_RUN" = 1 ]; then
     export DTS_GPU_DRY_RUN=1
     DEVICE=cpu MODEL_ARGS=(--arch builtin --resolution 128x128) RUNS=(--repeats 2 --e2e-steps 4)
     SERVER_ARGS=(--sizes 128 --runs 1 --steps 4) LIMITS=(300 400 120 200) FLUX_ARGS=(--dry-run)
+    # A smoke run: the compiled path and the AOTInductor engine have CPU tests of their own in the suite;
+    # here the GPU tests' other steps run, and the benchmark builds the one engine bench_grpc serves.
+    GPU_TEST_ARGS=(-k "not compiled_path and not aotinductor_engine") COMPILE_ARGS=()
 else
     DEVICE=cuda MODEL_ARGS=(--arch sd15 --resolution 512x512) RUNS=(--repeats 30 --e2e-steps 20)
     SERVER_ARGS=(--model bench-sd15-arch --sizes 512 --runs 2 --steps 20) LIMITS=(170 270 70 260) FLUX_ARGS=()
+    GPU_TEST_ARGS=() COMPILE_ARGS=(--torch-compile)
 fi
 export DTS_GPU_MODEL_DIR="$WORK/models"
 mkdir -p "$DTS_GPU_MODEL_DIR"
@@ -78,11 +82,11 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
     | tee -a "$OUT/versions.log"
 
 if [ "$FLUX_ONLY" = 0 ]; then
-step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider \
+step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider "${GPU_TEST_ARGS[@]}" \
     --junitxml="$OUT/gpu_tests.xml"
 
 step bench_engines "${LIMITS[1]}" "$PY" tools/bench_engines.py "${MODEL_ARGS[@]}" "${RUNS[@]}" \
-    --device "$DEVICE" --torch-compile --backends aotinductor,aotinductor+cudagraph --engine-components unet \
+    --device "$DEVICE" "${COMPILE_ARGS[@]}" --backends aotinductor,aotinductor+cudagraph --engine-components unet \
     --model-dir "$DTS_GPU_MODEL_DIR" --engine-dir "$WORK/engines" --json "$OUT/bench_engines.json"
 
 step bench_grpc "${LIMITS[2]}" "$PY" tools/bench_server.py "${SERVER_ARGS[@]}" --stream-only \

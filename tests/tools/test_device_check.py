@@ -1,4 +1,5 @@
-"""tools/device_check.sh must never rot: its dry run executes every step of the GPU check on the CPU."""
+"""tools/device_check.sh must never rot: its dry run executes every step of the GPU check on the CPU, as a smoke
+run (the compiled path and AOTInductor have CPU tests of their own)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ def test_the_gpu_check_dry_run_executes_every_step(tmp_path: Path) -> None:
                             text=True, timeout=900)
     report = (tmp_path / "device_check.md").read_text()
     assert result.returncode == 0, report + result.stdout[-3000:]
-    assert "failed steps: none" in report and "4 passed" in report
+    assert "failed steps: none" in report and "2 passed, 2 deselected" in report
     engines = json.loads((tmp_path / "bench_engines.json").read_text())
     rows = {row["backend"]: row for row in engines["rows"]}
-    assert {"eager", "torch-compile", "aotinductor"} <= set(rows) and all("error" not in r for r in rows.values())
+    assert {"eager", "aotinductor"} <= set(rows) and all("error" not in r for r in rows.values())
     grpc_rows = json.loads((tmp_path / "bench_grpc.json").read_text())
     assert grpc_rows[0]["backends"]["unet"] == "aotinductor" and grpc_rows[0]["client_ms"] > 0
     flux = {row["variant"]: row for row in json.loads((tmp_path / "bench_flux.json").read_text())["rows"]}
