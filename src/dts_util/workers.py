@@ -162,7 +162,12 @@ class WorkerPool:
             worker.assigned -= 1
 
     def prepare_store(self) -> None:
+        from dts_util.atomic_files import sweep_partials
+
         self.store.sweep_temporary_files()
+        swept = sweep_partials(self.config.engine_dir)  # files and exports of builds that were killed
+        if swept:
+            log.info("removed %d abandoned temporary file(s) from the engine dir", swept)
         first = self.workers[0].service
         first.ensure_default_model()
         first.model("")  # a default model that cannot be served stops start-up with one clear line

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dts_util.atomic_files import replace_folder
 from dts_util.boundary import Shape
 from dts_util.engines.paths import onnx_dir
 from dts_util.engines.components import ComponentDescriptor
@@ -101,10 +102,9 @@ def export_component(model: LoadedModel, component: ComponentDescriptor, engine_
         record = ExportRecord(component.name, model.fingerprint, OPSET, rel_l2, tolerance,
                               round(time.perf_counter() - start, 2), size, torch.__version__, EXPORT_FORMAT)
         (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
-        if final.exists():
-            shutil.rmtree(final)  # an export of other weights or a failed record: replace it
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        tmp.rename(final)
+        # An export of other weights or a failed record is replaced, with no moment in which there is none.
+        replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s of %r to ONNX (rel L2 %.2e, %.1fs)", component.name, model.name, record.rel_l2, record.seconds)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dts_util.atomic_files import atomic_path
 from dts_util.engines.backends.base import Backend, Runner, require
 from dts_util.errors import BackendUnavailable
 
@@ -156,7 +157,9 @@ class TensorRTBackend(Backend):
         config = CreateConfig(fp16=precision == "fp16", bf16=precision == "bf16", tf32=precision == "fp32",
                               profiles=[profile], load_timing_cache=str(cache) if cache.exists() else None)
         network = network_from_onnx_path(str(onnx_path))
-        engine = engine_from_network(network, config=config, save_timing_cache=str(cache))
+        # Builds sharing the cache may end together: each writes its own file and renames it into place.
+        with atomic_path(cache) as updated:
+            engine = engine_from_network(network, config=config, save_timing_cache=str(updated))
         save_engine(engine, path=str(engine_path))
         return [engine_path]
 
