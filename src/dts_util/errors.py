@@ -110,6 +110,12 @@ class GenerationCancelled(CallCancelled):
     """The client cancelled or its deadline passed; generation stopped at a step boundary."""
 
 
+class DeviceOutOfMemory(DtsError):
+    """The GPU ran out of memory for this request; the server keeps serving."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class GenerationTimedOut(DtsError):
     """One generation ran past the server's --max-generation-seconds; it stopped at a step boundary."""
 

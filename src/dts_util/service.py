@@ -22,7 +22,7 @@ from dts_util.engines.paths import fingerprint_cache
 from dts_util.models.builtin import ensure_builtin_model
 from dts_util.errors import FeatureUnavailable, RequestTooLarge
 from dts_util.limits import MAX_RESPONSE_BYTES, MAX_PROMPT_CHARS
-from dts_util.models.loader import LoadedModel, load_model, model_stamp
+from dts_util.models.loader import LoadedModel, load_model, model_stamp, raise_if_out_of_memory
 from dts_util.metrics import observe_generation
 from dts_util.models.lora import resolve_loras
 from dts_util.models.store import ModelStore
@@ -281,7 +281,11 @@ class ImageService:
         encoders = model.prompt_encoders().text_encoders
         with model.lora_applier.applied(req.loras, encoders) as lora_denoiser:
             components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_denoiser)
-            result = model.family.pipeline(model, components, should_stop, on_preview)(req, events)
+            try:
+                result = model.family.pipeline(model, components, should_stop, on_preview)(req, events)
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+                raise_if_out_of_memory(exc, "this generation", model.device)
+                raise
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
         source = f" init={req.init.source_size[0]}x{req.init.source_size[1]}" if req.init is not None else ""

@@ -114,3 +114,27 @@ def test_a_flood_of_calls_on_one_connection_is_answered_not_cancelled(server) ->
 
     outcomes = asyncio.run(flood())
     assert outcomes.count("OK") == len(outcomes), {o: outcomes.count(o) for o in set(outcomes)}
+
+
+def test_running_out_of_gpu_memory_is_resource_exhausted_and_the_server_keeps_serving(make_server,
+                                                                                    monkeypatch) -> None:
+    import torch
+
+    from dts_util.pipeline.components import EagerUNet
+
+    server = make_server()
+    real_call = EagerUNet.__call__
+    failures = iter([True])
+
+    def call(self, **inputs):
+        if next(failures, False):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, **inputs)
+
+    monkeypatch.setattr(EagerUNet, "__call__", call)
+    with server.client() as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(prompt="x", steps=2, width=64, height=64)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ran out of GPU memory" in caught.value.details() and "Traceback" not in caught.value.details()
+        assert client.generate(prompt="x", steps=2, width=64, height=64).images  # the model stayed loaded

@@ -64,3 +64,21 @@ def test_a_restarted_server_compiles_from_the_cache_and_matches_eager(base_confi
     second, _ = start()
     assert second.get("fxgraph_cache_hit", 0) >= first["fxgraph_cache_miss"]
     assert second.get("fxgraph_cache_miss", 0) == 0
+
+
+def test_a_compiled_wrapper_is_freed_with_its_module() -> None:
+    """Unloading or evicting a model frees its compiled UNet too (the wrapper is not kept in a global table)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from dts_util.pipeline.compiled import compiled_module
+
+    module = torch.nn.Linear(4, 4)
+    wrapper = compiled_module(module)
+    assert compiled_module(module) is wrapper  # one wrapper per module: compiled graphs are reused
+    module_ref, wrapper_ref = weakref.ref(module), weakref.ref(wrapper)
+    del module, wrapper
+    gc.collect()
+    assert module_ref() is None and wrapper_ref() is None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from dts_util.errors import ModelLoadError
+from dts_util.errors import DeviceOutOfMemory, ModelLoadError
 from dts_util.client_text import for_log, quote
 from dts_util.models.store import read_model_index
 
@@ -271,6 +271,7 @@ class LoadedModel:
                 try:
                     self._parts[key] = loader()
                 except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+                    raise_if_out_of_memory(exc, f"loading {key} of model {quote(self.name)}", self.device)
                     # Loader messages name absolute paths; clients see the model's own name instead.
                     detail = str(exc)
                     for path in {self.info.path, *self.info.files.values()}:
@@ -374,11 +375,26 @@ def quiet_hf_progress() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def raise_if_out_of_memory(exc: BaseException, doing: str, device: str) -> None:
+    """A CUDA out-of-memory error as DeviceOutOfMemory (RESOURCE_EXHAUSTED: retry later, or ask for less), with the
+    allocator's cached blocks released; any other error is left to the caller."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        _empty_device_cache(device)
+        raise DeviceOutOfMemory(f"{doing} ran out of GPU memory on {device}; retry when other requests are done, "
+                                "or ask for fewer or smaller images (--max-loaded-models lowers what stays "
+                                "loaded)") from None
+
+
 def _empty_device_cache(device: str) -> None:
+    """Return freed blocks to the driver on the model's own GPU (``empty_cache`` acts on the current device, which
+    is another one in a worker serving cuda:1 from a thread whose current device is cuda:0)."""
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.empty_cache()
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
 
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 # Keyed weakly by module: an unloaded UNet takes its compiled wrapper with it.
-_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+_COMPILED = "_dts_compiled"  # the attribute holding a module's compiled wrapper
 CACHE_FOLDER = "torch-compile-cache"
 
 
@@ -63,9 +62,14 @@ def compiled_module(module: torch.nn.Module) -> Any:
     Compilation happens on the first call at each new input shape (from the disk cache when an
     earlier run compiled it); the server's warm-up makes that call for the configured shapes.
     """
-    if module not in _compiled:
+    compiled = module.__dict__.get(_COMPILED)
+    if compiled is None:
         device = next(module.parameters()).device
         mode = compile_mode(device)
         log.info("torch.compile %s (mode=%s)", type(module).__name__, mode)
-        _compiled[module] = torch.compile(module, mode=mode, dynamic=False)
-    return _compiled[module]
+        compiled = torch.compile(module, mode=mode, dynamic=False)
+        # Kept on the module itself (outside its submodules): the wrapper holds the module, so the two form a
+        # cycle the garbage collector frees together when the model is unloaded or evicted. A table keyed by
+        # the module would keep both alive for good.
+        module.__dict__[_COMPILED] = compiled
+    return compiled
