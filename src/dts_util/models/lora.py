@@ -154,7 +154,8 @@ class LoraApplier:
                                  f"({type(exc).__name__}); is it for another model family?") from None
         return state_dict, alphas
 
-    def _ensure_loaded(self, lora: ResolvedLora, unet: Any | None, text_encoders: list[Any]) -> None:
+    def _ensure_loaded(self, lora: ResolvedLora, unet: Any | None, text_encoders: list[Any],
+                       keep: frozenset[str] = frozenset()) -> None:
         """Load ``lora`` into every given module that does not have it yet."""
         pending = [m for m in [unet, *text_encoders] if m is not None and lora.adapter not in _adapters(m)]
         if not pending:
@@ -164,14 +165,14 @@ class LoraApplier:
         with warnings.catch_warnings():
             # Several adapters in one module is the design here (each LoRA file is one, switched per request).
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            self._load_into(cls, lora, state_dict, alphas, unet, text_encoders, pending)
+            self._load_into(cls, lora, state_dict, alphas, unet, text_encoders, pending, keep)
         log.info("loaded LoRA %r as adapter %s", lora.name, lora.adapter)
 
     def _load_into(self, cls: Any, lora: ResolvedLora, state_dict: dict, alphas: Any, unet: Any | None,
-                   text_encoders: list[Any], pending: list[Any]) -> None:
+                   text_encoders: list[Any], pending: list[Any], keep: frozenset[str]) -> None:
         try:
             if unet is not None and unet in pending:
-                _evict_if_full(unet)
+                _evict_if_full(unet, keep)
                 getattr(cls, self.format.denoiser_method)(state_dict, alphas, unet, adapter_name=lora.adapter)
                 _adapters(unet)[lora.adapter] = True
             for index, encoder in enumerate(text_encoders):
@@ -181,7 +182,7 @@ class LoraApplier:
                 prefix = prefixes[index] if index < len(prefixes) else ""
                 has_keys = bool(prefix) and any(k.startswith(f"{prefix}.") for k in state_dict)
                 if has_keys:
-                    _evict_if_full(encoder)
+                    _evict_if_full(encoder, keep)
                     cls.load_lora_into_text_encoder(state_dict, alphas, encoder, prefix=prefix,
                                                     adapter_name=lora.adapter)
                 _adapters(encoder)[lora.adapter] = has_keys
@@ -192,8 +193,12 @@ class LoraApplier:
     def activate(self, loras: tuple[ResolvedLora, ...], unet: Any | None, text_encoders: list[Any]) -> None:
         """Load (once) and switch on ``loras`` with their weights in the given modules."""
         with self._lock:
+            keep = frozenset(lora.adapter for lora in loras)  # never evicted to make room for each other
             for lora in loras:
-                self._ensure_loaded(lora, unet, text_encoders)
+                self._ensure_loaded(lora, unet, text_encoders, keep)
+            for module in (unet, *text_encoders):
+                if module is not None:
+                    _mark_used(module, keep)
             names, weights = [lora.adapter for lora in loras], [lora.weight for lora in loras]
             if unet is not None:
                 unet.enable_lora()  # set_adapters alone leaves layers switched off by an earlier request
@@ -247,11 +252,22 @@ def _adapters(module: Any) -> dict[str, bool]:
     return module._dts_lora_adapters
 
 
-def _evict_if_full(module: Any) -> None:
+def _mark_used(module: Any, names: frozenset[str]) -> None:
+    """Move ``names`` to the recent end of ``module``'s adapters: eviction takes the least recently used."""
+    loaded = _adapters(module)
+    for name in [n for n in loaded if n in names]:
+        loaded[name] = loaded.pop(name)
+
+
+def _evict_if_full(module: Any, keep: frozenset[str] = frozenset()) -> None:
+    """Delete the least recently used adapters until there is room for one more, never one in ``keep`` (the
+    current request's)."""
     loaded = _adapters(module)
     while len(loaded) >= MAX_CACHED_ADAPTERS:
-        name, has_weights = next(iter(loaded.items()))
-        if has_weights:
+        name = next((n for n in loaded if n not in keep), None)
+        if name is None:
+            return  # every cached adapter is this request's: room is made by the request's own bound (8)
+        if loaded[name]:
             if hasattr(module, "delete_adapters"):
                 module.delete_adapters(name)
             else:
