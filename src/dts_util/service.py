@@ -32,6 +32,7 @@ from dts_util.pipeline.samplers import DEFAULT_SAMPLER
 
 if TYPE_CHECKING:
     from dts_util.engines.manager import EngineManager
+    from dts_util.pipeline.generation import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +261,17 @@ class ImageService:
 
     def generate(self, model: LoadedModel, req: ResolvedRequest, should_stop: Callable[[], bool],
                  on_update: Callable[[dict, bytes | None], None] | None = None) -> GenerationOutput:
-        """Run one prepared request to the end (or to the first step after ``should_stop``).
+        """``run`` then ``encode``, on the calling thread (warm-up, tools)."""
+        return self.encode(model, req, self.run(model, req, should_stop, on_update))
+
+    def run(self, model: LoadedModel, req: ResolvedRequest, should_stop: Callable[[], bool],
+            on_update: Callable[[dict, bytes | None], None] | None = None) -> "GenerationResult":
+        """The device's part of one prepared request: to the end, or to the first step after ``should_stop``.
 
         ``on_update`` gets each progress event as it happens, with a preview PNG on the sampling
         events of every ``req.preview_every``-th step (called from the generation thread).
         """
-        from dts_util.pipeline.encode import (encode_images, event_strings, info_json, latent_preview,
-                                             latent_preview_png)
+        from dts_util.pipeline.encode import latent_preview, latent_preview_png
         from dts_util.pipeline.generation import EventLog
 
         events, on_preview = None, None
@@ -282,16 +287,22 @@ class ImageService:
         with model.lora_applier.applied(req.loras, encoders) as lora_denoiser:
             components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_denoiser)
             try:
-                result = model.family.pipeline(model, components, should_stop, on_preview)(req, events)
+                return model.family.pipeline(model, components, should_stop, on_preview)(req, events)
             except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
                 raise_if_out_of_memory(exc, "this generation", model.device)
                 raise
+
+    def encode(self, model: LoadedModel, req: ResolvedRequest, result: "GenerationResult") -> GenerationOutput:
+        """The CPU's part: PNGs (or WebP/JPEG), info and events, off the device so the next request can run."""
+        from dts_util.pipeline.encode import encode_images, event_strings, info_json
+
         width, height = req.output_size
         backends = " ".join(f"{k}={v}" for k, v in result.backends.items())
         source = f" init={req.init.source_size[0]}x{req.init.source_size[1]}" if req.init is not None else ""
         summary = (f"worker={self.worker} model={model.name} mode={req.mode}{source} size={width}x{height} "
                    f"batch={req.batch_size}x{req.batch_count} steps={req.steps} sampler={req.sampler.name!r} {backends}")
-        details = {"worker": self.worker, "prediction_type": model.info.prediction_type, "prediction_source": model.info.prediction_source,
+        details = {"worker": self.worker, "prediction_type": model.info.prediction_type,
+                   "prediction_source": model.info.prediction_source,
                    "model_file": "single file" if model.info.single_file else "diffusers folder",
                    "loras": [{"file": lora.name, "weight": lora.weight, "sha256": lora.sha256} for lora in req.loras]}
         start = time.perf_counter()

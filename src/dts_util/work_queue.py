@@ -42,11 +42,15 @@ class GenerationQueue:
     def pending(self) -> int:
         return self._pending
 
-    async def run(self, job: Callable[[], T], stop: threading.Event) -> T:
-        """Run ``job`` when the device is free. On cancellation, set ``stop`` and wait for the job to end."""
+    def check_room(self) -> None:
+        """QueueFull when no more generations may wait: checked before a request's images are even decoded."""
         if self._pending > self.max_waiting:
             raise QueueFull(f"{self._pending} generations are already queued or running (limit "
                             f"{self.max_waiting} waiting); retry later")
+
+    async def run(self, job: Callable[[], T], stop: threading.Event) -> T:
+        """Run ``job`` when the device is free. On cancellation, set ``stop`` and wait for the job to end."""
+        self.check_room()
         self._pending += 1
         set_queue_depth(self._pending, self.name)
         queued = time.perf_counter()

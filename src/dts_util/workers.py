@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -25,6 +26,7 @@ from dts_util.models.store import ModelStore
 from dts_util.work_queue import GenerationQueue
 
 if TYPE_CHECKING:
+    from dts_util.pipeline.generation import GenerationResult
     from dts_util.engines.manager import BackgroundBuilds
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ def _pin_device(device: str) -> Callable[[], None] | None:
         torch.cuda.set_device(device)
 
     return pin
+
+
+# Image encoding off the device's thread, bounded: each job holds a request's decoded images.
+_ENCODERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dts-encode")
 
 
 def _stop_check(stop: threading.Event, cap: float) -> Callable[[], bool]:
@@ -88,14 +94,18 @@ class Worker:
 
     async def generate(self, request: GenerationRequest, streamed: bool,
                        on_update: UpdateCallback | None) -> GenerationOutput:
+        self.queue.check_room()  # a full queue refuses before the request's images are decoded
         model, resolved = await asyncio.to_thread(self.service.prepare, request, streamed)
         stop = threading.Event()
         cap = self.service.config.max_generation_seconds
 
-        def job() -> GenerationOutput:
-            return self.service.generate(model, resolved, _stop_check(stop, cap), on_update)
+        def job() -> "GenerationResult":
+            return self.service.run(model, resolved, _stop_check(stop, cap), on_update)
 
-        return await self.queue.run(job, stop)
+        result = await self.queue.run(job, stop)
+        # Encoding the images is the CPU's work: the device takes the next request meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(_ENCODERS, self.service.encode, model, resolved,
+                                                                result)
 
     def holds_model(self, name: str) -> bool:
         return self.service.holds_model(name)
