@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -103,3 +105,33 @@ def test_corrupt_engine_never_crashes_the_server(engine_server, engine_dir) -> N
         reply = c.generate(prompt="x", steps=2, width=256, height=256)
         assert "unreadable" in json.loads(reply.info)["backends"]["unet"]
         assert c.echo().message == "HELLO"
+
+
+def test_background_builds_are_bounded_and_a_failed_one_backs_off(cpu_model, tmp_path, monkeypatch) -> None:
+    from dts_util.boundary import Shape
+    from dts_util.engines.manager import BackgroundBuilds
+
+    builds = BackgroundBuilds(tmp_path, max_queued=1, max_pixels=256 * 256, retry_after=60)
+    attempts = []
+    gate = threading.Event()
+
+    def failing_build(model, component, shape):
+        attempts.append(shape)
+        gate.wait(10)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(builds, "_build", failing_build)
+    try:
+        assert builds.why_not(cpu_model, "unet", Shape(64, 64, 2)).startswith("too large for a background build")
+        assert builds.why_not(cpu_model, "unet", Shape(16, 16, 2)) == ""  # queued (the worker takes it)
+        assert builds.why_not(cpu_model, "unet", Shape(16, 16, 2)) == "background build already queued"
+        while not attempts:
+            time.sleep(0.01)
+        assert builds.why_not(cpu_model, "unet", Shape(24, 24, 1)) == ""  # waits behind the running one
+        assert builds.why_not(cpu_model, "unet", Shape(32, 32, 1)) == "background build queue full"
+        gate.set()
+        builds.wait()
+        assert builds.why_not(cpu_model, "unet", Shape(16, 16, 2)).startswith("background build failed 1x, retried in")
+    finally:
+        gate.set()
+        builds.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -66,8 +67,8 @@ class EngineManager:
                 reasons.append(f"engine {record.engine_path.name} unreadable")
         reason = "; ".join(dict.fromkeys(reasons)) or f"no engine for {shape.describe(model.info.vae_scale_factor)}"
         if self.builds is not None:
-            if self.builds.request(model, component, shape):
-                reason += "; background build queued"
+            why_not = self.builds.why_not(model, component, shape)
+            reason += f"; {why_not}" if why_not else "; background build queued"
         return None, reason
 
     def _usable(self, model: LoadedModel, component: str, shape: Shape) -> tuple[list[EngineRecord], list[str]]:
@@ -125,48 +126,92 @@ class EngineManager:
             self.builds.stop()
 
 
-class BackgroundBuilds:
-    """A worker thread that builds engines for shapes requests needed but had none."""
+# On-demand builds are bounded: how many may wait, how large a shape may be built unasked, and how long a failed
+# shape waits before it is tried again (doubling each time).
+MAX_QUEUED_BUILDS = 8
+MAX_BUILD_PIXELS = 1024 * 1024
+RETRY_AFTER_SECONDS = 300.0
+MAX_RETRY_AFTER_SECONDS = 6 * 3600.0
 
-    def __init__(self, engine_dir: Path) -> None:
+
+class BackgroundBuilds:
+    """A worker thread that builds engines for shapes requests needed but had none.
+
+    Bounded: at most ``max_queued`` builds wait; shapes over ``max_pixels`` (width x height x batch) are not
+    built on demand (``build-engines`` builds them); a build that failed is retried after a back-off that
+    doubles each time. A model with LoRAs gets engines of that LoRA set, never base engines it cannot use.
+    """
+
+    def __init__(self, engine_dir: Path, max_queued: int = MAX_QUEUED_BUILDS, max_pixels: int = MAX_BUILD_PIXELS,
+                 retry_after: float = RETRY_AFTER_SECONDS) -> None:
         self.engine_dir = engine_dir
+        self.max_queued, self.max_pixels, self.retry_after = max_queued, max_pixels, retry_after
         self._queue: queue.Queue = queue.Queue()
-        self._requested: set[tuple[str, str, str, str, Shape]] = set()
+        self._requested: set[tuple] = set()
+        self._failures: dict[tuple, tuple[int, float]] = {}  # key -> (failed attempts, when to try again)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="engine-builds", daemon=True)
         self._thread.start()
 
     def request(self, model: LoadedModel, component: str, shape: Shape) -> bool:
         """Queue a build once per (model weights, component, shape); True if newly queued."""
+        return self.why_not(model, component, shape) == ""
+
+    def why_not(self, model: LoadedModel, component: str, shape: Shape) -> str:
+        """Queue the build and return "", or say why it was not queued."""
         key = (model.name, model.fingerprint, model.device, component, shape)
+        scale = model.info.vae_scale_factor
+        pixels = shape.latent_width * scale * shape.latent_height * scale * shape.batch
+        if pixels > self.max_pixels:
+            return "too large for a background build (build it with build-engines)"
         with self._lock:  # workers on several devices may ask for the same shape at once
             if key in self._requested:
-                return False
+                return "background build already queued"
+            attempts, retry_at = self._failures.get(key, (0, 0.0))
+            if time.monotonic() < retry_at:
+                return f"background build failed {attempts}x, retried in {retry_at - time.monotonic():.0f} s"
+            if self._queue.qsize() >= self.max_queued:
+                return "background build queue full"
             self._requested.add(key)
-        self._queue.put((model, component, shape))
-        return True
+        self._queue.put((key, model, component, shape))
+        return ""
 
     def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, model, component, shape = item
+            try:
+                self._build(model, component, shape)
+                with self._lock:
+                    self._failures.pop(key, None)
+            except Exception:
+                log.exception("background build of %s %s failed", component, shape.describe())
+                with self._lock:
+                    attempts = self._failures.get(key, (0, 0.0))[0] + 1
+                    delay = min(self.retry_after * 2 ** (attempts - 1), MAX_RETRY_AFTER_SECONDS)
+                    self._failures[key] = (attempts, time.monotonic() + delay)
+            finally:
+                with self._lock:
+                    self._requested.discard(key)
+                self._queue.task_done()
+
+    def _build(self, model: LoadedModel, component: str, shape: Shape) -> None:
         from dts_util.engines.builder import build, plan
         from dts_util.models.loader import load_model
 
-        while (item := self._queue.get()) is not None:
-            model, component, shape = item
-            try:
-                # Exports need fp32 weights on the CPU; a CPU server's model already is that.
-                source = model if model.device == "cpu" else load_model(model.name, model.info.path, "cpu")
-                scale = model.info.vae_scale_factor
-                # cfg="no-cfg" makes the planned UNet batch exactly the requested one.
-                jobs = plan(source, self.engine_dir, [(shape.latent_width * scale, shape.latent_height * scale)],
-                            [shape.batch], components=(component,), cfg="no-cfg",
-                            device=model.device if model.device.startswith("cuda") else None,
-                            prompt_chunks=(max(1, shape.text_length // TOKENS_PER_CHUNK),))
-                for job in jobs:
-                    build(job, source, self.engine_dir)
-            except Exception:
-                log.exception("background build of %s %s failed", component, shape.describe())
-            finally:
-                self._queue.task_done()
+        # Exports need fp32 weights on the CPU; a CPU server's model already is that. A GPU server's is loaded
+        # again on the CPU, with the same LoRAs fused, so the engine serves the request that asked for it.
+        source = model if model.device == "cpu" else \
+            load_model(model.name, model.info.path, "cpu").with_loras(model.loras)
+        scale = model.info.vae_scale_factor
+        # cfg="no-cfg" makes the planned UNet batch exactly the requested one.
+        jobs = plan(source, self.engine_dir, [(shape.latent_width * scale, shape.latent_height * scale)],
+                    [shape.batch], components=(component,), cfg="no-cfg",
+                    device=model.device if model.device.startswith("cuda") else None,
+                    prompt_chunks=(max(1, shape.text_length // TOKENS_PER_CHUNK),))
+        for job in jobs:
+            result = build(job, source, self.engine_dir)
+            if result.status == "failed":
+                raise RuntimeError(result.error)
 
     def wait(self) -> None:
         """Block until every queued build finished (tests, shutdown)."""
