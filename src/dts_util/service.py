@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from dts_util.boundary import GenerationOutput, GenerationRequest, ModelDescription, Shape
 from dts_util.config import ServerConfig, check_dtype, check_fp8, resolve_device
@@ -126,6 +127,9 @@ class ImageService:
         self._loaded_names: frozenset[str] = frozenset()  # a lock-free copy of the keys above
         self._lock = threading.Lock()
         self._descriptions: dict[str, tuple[tuple, ModelDescription]] = {}
+        # Generations running on each model (by id): an evicted or replaced model is unloaded only after them.
+        self._in_use: dict[int, int] = {}
+        self._retired: dict[int, LoadedModel] = {}
         self._descriptions_lock = threading.Lock()
 
     def ensure_default_model(self) -> None:
@@ -194,9 +198,13 @@ class ImageService:
             return model
 
     def _drop(self, canonical: str, why: str = "") -> None:
+        """Forget ``canonical``; its memory is freed now, or when the generation using it ends."""
         cached = self._models.pop(canonical)
         self._loaded_names = frozenset(self._models)
-        cached.model.unload_all()
+        if self._in_use.get(id(cached.model)):
+            self._retired[id(cached.model)] = cached.model  # a generation runs on it: unloaded when it ends
+        else:
+            cached.model.unload_all()
         if why:
             log.info("unloaded model %r (%s; --max-loaded-models %d)", canonical, why, self.config.max_loaded_models)
 
@@ -283,6 +291,29 @@ class ImageService:
                 pending["png"] = (latent_preview(latents) if req.latent_previews
                                   else latent_preview_png(latents, model.family.latent_rgb))
 
+        with self._using(model):
+            return self._run(model, req, should_stop, events, on_preview)
+
+    @contextmanager
+    def _using(self, model: LoadedModel) -> Iterator[None]:
+        """Mark ``model`` as generating: eviction (another thread's request may load a model meanwhile) then
+        leaves its weights alone until this block ends."""
+        with self._lock:
+            self._in_use[id(model)] = self._in_use.get(id(model), 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                remaining = self._in_use.pop(id(model)) - 1
+                if remaining:
+                    self._in_use[id(model)] = remaining
+                retired = self._retired.pop(id(model), None) if not remaining else None
+            if retired is not None:
+                retired.unload_all()
+                log.info("unloaded model %r after its last generation", retired.name)
+
+    def _run(self, model: LoadedModel, req: ResolvedRequest, should_stop: Callable[[], bool], events: Any,
+             on_preview: Any) -> "GenerationResult":
         encoders = model.prompt_encoders().text_encoders
         with model.lora_applier.applied(req.loras, encoders) as lora_denoiser:
             components = RequestComponents(model, self.engines, self.config.torch_compile, req.loras, lora_denoiser)

@@ -142,6 +142,25 @@ def test_loaded_models_are_bounded_least_recently_used_first(make_server) -> Non
     assert server.service.loaded_models() == ["builtin-tiny-sd", "second"]
 
 
+def test_a_model_generating_is_not_unloaded_by_eviction_until_its_generation_ends(base_config, model_store,
+                                                                                 tmp_path) -> None:
+    import shutil
+    from dataclasses import replace
+
+    from dts_util.service import ImageService
+    from tests.conftest import fresh_store
+
+    root = fresh_store(model_store, tmp_path)
+    shutil.copytree(root / "builtin-tiny-sd", root / "other")
+    service = ImageService(replace(base_config, model_dir=root, max_loaded_models=1))
+    busy = service.model("builtin-tiny-sd")
+    busy.prompt_encoders()
+    with service._using(busy):  # as during its generation, on the worker's thread
+        service.model("other")  # another request, prepared on another thread, evicts it from the cache
+        assert service.loaded_models() == ["other"] and busy.is_loaded("text_encoders")
+    assert not busy.is_loaded("text_encoders")  # freed once its generation ended
+
+
 def test_a_response_that_could_not_fit_is_refused_up_front(client) -> None:
     start = time.monotonic()
     error = _error(client.generate, prompt="x", width=2048, height=2048, batch_size=8, batch_count=16)
