@@ -29,6 +29,14 @@ STAGES = {"queue_wait_ms": "queue_wait", "text_encode_ms": "text_encode", "vae_e
           "second_pass_sampling_ms": "second_pass_sampling", "decode_ms": "decode", "encode_ms": "encode"}
 
 
+BACKGROUND_BUILDS = Counter("dts_background_builds_total", "On-demand engine builds (--build-missing) by outcome: "
+                            "built, failed, or why one was not queued", ["outcome"])
+
+
+def observe_background_build(outcome: str) -> None:
+    BACKGROUND_BUILDS.labels(outcome).inc()
+
+
 def serve_metrics(port: int, address: str) -> None:
     """Expose /metrics over HTTP (plain, unauthenticated: keep it on loopback or a private network)."""
     start_http_server(port, addr=address)

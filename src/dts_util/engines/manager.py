@@ -21,6 +21,7 @@ from dts_util.engines.backends import BACKENDS, available_backend_versions, get_
 from dts_util.engines.backends.base import Runner
 from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.registry import EngineRecord, EngineRegistry
+from dts_util.metrics import observe_background_build
 from dts_util.models.loader import LoadedModel
 from dts_util.boundary import TOKENS_PER_CHUNK, Shape
 
@@ -134,6 +135,10 @@ RETRY_AFTER_SECONDS = 300.0
 MAX_RETRY_AFTER_SECONDS = 6 * 3600.0
 
 
+_OUTCOMES = (("too large", "too_large"), ("background build already", "already_queued"),
+             ("background build failed", "backing_off"), ("background build queue full", "queue_full"))
+
+
 class BackgroundBuilds:
     """A worker thread that builds engines for shapes requests needed but had none.
 
@@ -158,7 +163,15 @@ class BackgroundBuilds:
         return self.why_not(model, component, shape) == ""
 
     def why_not(self, model: LoadedModel, component: str, shape: Shape) -> str:
-        """Queue the build and return "", or say why it was not queued."""
+        """Queue the build and return "", or say why it was not queued (counted in the metrics)."""
+        reason = self._queue_build(model, component, shape)
+        outcome = "queued" if not reason else next(
+            (label for words, label in _OUTCOMES if reason.startswith(words)), "other")
+        if outcome != "already_queued":
+            observe_background_build(outcome)
+        return reason
+
+    def _queue_build(self, model: LoadedModel, component: str, shape: Shape) -> str:
         key = (model.name, model.fingerprint, model.device, component, shape)
         scale = model.info.vae_scale_factor
         pixels = shape.latent_width * scale * shape.latent_height * scale * shape.batch
@@ -181,9 +194,11 @@ class BackgroundBuilds:
             key, model, component, shape = item
             try:
                 self._build(model, component, shape)
+                observe_background_build("built")
                 with self._lock:
                     self._failures.pop(key, None)
             except Exception:
+                observe_background_build("failed")
                 log.exception("background build of %s %s failed", component, shape.describe())
                 with self._lock:
                     attempts = self._failures.get(key, (0, 0.0))[0] + 1
