@@ -93,6 +93,12 @@ class GenerationRequest:
     # The Draw Things app's guidance embedding: for guidance-distilled models it takes cfg_scale's place (the app's
     # own guidance then drives true CFG). Not a field of the seed protocol, whose cfg_scale is that guidance.
     guidance_embed: float = 0.0
+    # A protocol that already holds pixels (the Draw Things app sends tensors) passes them decoded, as PIL images,
+    # instead of encoding init_image/mask for the model layer to decode again; and with raw_output it takes the
+    # result as pixels, not PNGs. Neither is a field of the seed protocol.
+    init_pixels: object = None
+    mask_pixels: object = None
+    raw_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class GenerationOutput:
     info: str
     events: list[str]
     summary: str
+    # With ``raw_output``: the images as decoded RGB pixels (PIL images) instead of encoded ``images``.
+    pixels: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

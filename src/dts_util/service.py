@@ -337,12 +337,12 @@ class ImageService:
                    "model_file": "single file" if model.info.single_file else "diffusers folder",
                    "loras": [{"file": lora.name, "weight": lora.weight, "sha256": lora.sha256} for lora in req.loras]}
         start = time.perf_counter()
-        images = encode_images(req, result, self.config.png_compression)
+        images = [] if req.raw_output else encode_images(req, result, self.config.png_compression)
         result.timings_ms["encode_ms"] = round((time.perf_counter() - start) * 1000, 1)
         observe_generation(result.timings_ms, req.steps * req.batch_count, {"text_encoder": "eager", **result.backends},
                            self.worker)
-        return GenerationOutput(images, info_json(req, result, model.fingerprint, details),
-                                event_strings(result), summary)
+        return GenerationOutput(images, info_json(req, result, model.fingerprint, details), event_strings(result),
+                                summary, pixels=result.images if req.raw_output else [])
 
 
 # Room kept in a response for info and events: every parameter, the prompts JSON-escaped, timings.

@@ -93,7 +93,7 @@ def test_unexpected_errors_are_internal_without_details(make_server, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError(f"secret detail in {server.config.model_dir}")
 
-    monkeypatch.setattr(server.service, "generate", broken)
+    monkeypatch.setattr(server.service, "run", broken)  # the device part of a generation
     with server.client() as client:
         error = _error(client.generate, prompt="x", steps=1)
         assert error.code() == grpc.StatusCode.INTERNAL and "secret" not in error.details()

@@ -113,6 +113,21 @@ def read_input_images(init_image: bytes, mask: bytes, mask_blur: float) -> tuple
     return image.convert("RGB"), decoded_mask.convert("L")
 
 
+def given_input_images(image: Image.Image, mask: Image.Image | None,
+                       mask_blur: float) -> tuple[Image.Image, Image.Image | None]:
+    """Already decoded input pixels (from a protocol that sends tensors), checked as ``read_input_images`` checks
+    decoded files: the pixel limit, the mask's size, the blur."""
+    if not 0 <= mask_blur <= MAX_MASK_BLUR:
+        raise InvalidRequest(f"mask_blur is {mask_blur}; it must be in 0..{MAX_MASK_BLUR} pixels (0 = no blur)")
+    for name, given in (("init_image", image), ("mask", mask)):
+        if given is not None:
+            _check_pixels(name, given.size)
+    if mask is not None and mask.size != image.size:
+        raise InvalidRequest(f"mask is {mask.size[0]}x{mask.size[1]} but init_image is {image.size[0]}x"
+                             f"{image.size[1]}; send a mask of the image's size")
+    return image.convert("RGB"), None if mask is None else mask.convert("L")
+
+
 def fit_input_images(image: Image.Image, mask: Image.Image | None, width: int, height: int, mask_blur: float,
                      sha256: str, mask_outset: int = 0) -> InputImages:
     """Stretch image and mask to the generation size (Lanczos, as diffusers' image processor) and blur the mask."""

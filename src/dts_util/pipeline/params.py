@@ -15,7 +15,8 @@ from dts_util.boundary import GenerationRequest
 from dts_util.client_text import quote
 from dts_util.errors import FeatureUnavailable, InvalidRequest
 from dts_util.limits import MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_SAMPLER_CHARS
-from dts_util.pipeline.images import InputImages, default_size, fit_input_images, read_input_images, sha256_hex
+from dts_util.pipeline.images import (InputImages, default_size, fit_input_images, given_input_images,
+                                     read_input_images, sha256_hex)
 from dts_util.pipeline.noise import find_seed_mode
 from dts_util.pipeline.prompts import extract_lora_tags
 from dts_util.pipeline.samplers import Sampler, find_sampler
@@ -120,6 +121,7 @@ class ResolvedRequest:
     true_cfg_scale: float = 1.0
     shift: float = 0.0  # flow-matching models: the sigma shift (0 = the model's own, by resolution where it has one)
     size_multiple: int = 8
+    raw_output: bool = False  # the result as pixels, not encoded files (a protocol that sends tensors)
 
     @property
     def mode(self) -> str:
@@ -224,12 +226,15 @@ def _check_size_from_image(name: str, value: int, image_size: tuple[int, int], m
 def _sizes(req: GenerationRequest, defaults: FamilyDefaults) -> tuple[int, int, tuple | None]:
     """(width, height, decoded input images or None): the image's own size is the default when one is sent."""
     multiple = defaults.size_multiple
-    if not (req.init_image or req.mask):
+    if not (req.init_image or req.mask or req.init_pixels is not None):
         width, height = req.width or defaults.size, req.height or defaults.size
         _check_size("width", width, multiple)
         _check_size("height", height, multiple)
         return width, height, None
-    image, mask = read_input_images(req.init_image, req.mask, req.mask_blur)
+    if req.init_pixels is not None:
+        image, mask = given_input_images(req.init_pixels, req.mask_pixels, req.mask_blur)
+    else:
+        image, mask = read_input_images(req.init_image, req.mask, req.mask_blur)
     implied_width, implied_height = default_size(image.size, multiple)
     for name, sent, implied in (("width", req.width, implied_width), ("height", req.height, implied_height)):
         if sent:
@@ -316,7 +321,9 @@ def resolve(req: GenerationRequest, model: str, defaults: FamilyDefaults | int) 
     size_conditioning, negative_size_conditioning = _size_conditioning(req)
     init = None
     if decoded is not None:
-        init = fit_input_images(*decoded, width, height, req.mask_blur, sha256_hex(req.init_image), req.mask_outset)
+        # Of the bytes as sent; of the RGB pixels when a protocol sent decoded pixels.
+        digest = sha256_hex(req.init_image if req.init_pixels is None else decoded[0].tobytes())
+        init = fit_input_images(*decoded, width, height, req.mask_blur, digest, req.mask_outset)
     return ResolvedRequest(
         model=model, prompt=prompt, negative_prompt=req.negative_prompt, width=width, height=height,
         steps=steps, cfg_scale=cfg, seed=seed, sampler=find_sampler(req.sampler or defaults.sampler),
@@ -326,5 +333,5 @@ def resolve(req: GenerationRequest, model: str, defaults: FamilyDefaults | int) 
         init=init, skip_mask_overlay=req.skip_mask_overlay, seed_mode=seed_mode, latent_previews=req.latent_previews,
         zero_negative_prompt=req.zero_negative_prompt, size_conditioning=size_conditioning,
         negative_size_conditioning=negative_size_conditioning, distilled_guidance=defaults.distilled_guidance,
-        true_cfg_scale=true_cfg, shift=shift, size_multiple=defaults.size_multiple,
+        true_cfg_scale=true_cfg, shift=shift, size_multiple=defaults.size_multiple, raw_output=req.raw_output,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import io
 import json
 import socket
 import threading
@@ -145,7 +144,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
                 yield item
         output: GenerationOutput = item
         request_log()["summary"] = output.summary
-        blobs = await asyncio.to_thread(_result_tensors, output.images)
+        blobs = await asyncio.to_thread(_result_tensors, output.pixels)
         total = sum(len(blob) for blob in blobs)
         yield pb.ImageGenerationResponse(downloadSize=total)
         pieces = request.chunked and total > CHUNK_BYTES
@@ -168,9 +167,9 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         if unsupported:
             raise FeatureUnavailable(f"the app asked for {', '.join(unsupported)}, which dts-util cannot do yet; "
                                      "turn it off in the app and generate again")
-        image_png, mask_png = self._input_images(request)
+        image, mask = self._input_images(request)
         width, height, hires_scale = _sizes(config)
-        strength = config.strength if image_png and config.strength > 0 else 1.0
+        strength = config.strength if image is not None and config.strength > 0 else 1.0
         boundary = GenerationRequest(
             prompt=request.prompt, negative_prompt=request.negativePrompt, width=width, height=height,
             # The app's guidance 0 (or below) is no guidance; the model layer reads 0 as "the default".
@@ -180,17 +179,18 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
             denoising_strength=config.hires_fix_strength if hires_scale > 1 else strength,
             batch_size=config.batch_size, batch_count=config.batch_count, model=self.names.model(config.model),
             clip_skip=config.clip_skip, loras=tuple((self.names.lora(lora.file), lora.weight) for lora in config.loras),
-            init_image=image_png, mask=mask_png, mask_blur=config.mask_blur if mask_png else 0,
-            mask_outset=config.mask_outset if mask_png else 0,
+            init_pixels=image, mask_pixels=mask, mask_blur=config.mask_blur if mask is not None else 0,
+            mask_outset=config.mask_outset if mask is not None else 0, raw_output=True,
             skip_mask_overlay=not config.preserve_original, seed_mode=config.seed_mode, latent_previews=True,
             zero_negative_prompt=config.zero_negative_prompt, **_size_conditioning(config), **_flow_settings(config))
         if config.ignored:
             request_log()["ignored"] = ", ".join(config.ignored)
-        return boundary, _expected_signposts(boundary, bool(image_png))
+        return boundary, _expected_signposts(boundary, image is not None)
 
-    def _input_images(self, request: pb.ImageGenerationRequest) -> tuple[bytes, bytes]:
-        """(PNG of the image, PNG of the mask), each b"" when absent. An image named by a hash that ``contents``
-        does not hold means txt2img: the app sends the hash and leaves the data out when it is not needed."""
+    def _input_images(self, request: pb.ImageGenerationRequest) -> tuple[Any, Any]:
+        """(the image, the mask) as decoded pixels for the model layer (no PNG in between), each None when absent.
+        An image named by a hash that ``contents`` does not hold means txt2img: the app sends the hash and leaves
+        the data out when it is not needed."""
         if len(request.contents) > MAX_APP_CONTENTS:
             raise InvalidRequest(f"contents holds {len(request.contents)} tensors; send at most {MAX_APP_CONTENTS}")
         from dts_util.grpc.drawthings_app import tensors  # numpy: loaded with the first generation, not at start
@@ -198,13 +198,12 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         contents = {hashlib.sha256(blob).digest(): blob for blob in request.contents}
         image_blob = _unwrap(request, "image", contents)
         if not image_blob:
-            return b"", b""
+            return None, None
         image = tensors.tensor_image(tensors.decode(image_blob, "image"), "image")
         mask_blob = _unwrap(request, "mask", contents)
         if not mask_blob:
-            return tensors.png(image), b""
-        mask = tensors.mask_image(tensors.decode(mask_blob, "mask"), image.size)
-        return tensors.png(image), tensors.png(mask)
+            return image, None
+        return image, tensors.mask_image(tensors.decode(mask_blob, "mask"), image.size)
 
     # -- UploadFile -------------------------------------------------------------------------------
 
@@ -252,13 +251,11 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         uploaded(self.generator, upload)
 
 
-def _result_tensors(pngs: list[bytes]) -> list[bytes]:
-    """The model layer's PNGs as the app's image tensors."""
-    from PIL import Image
-
+def _result_tensors(pixels: list[Any]) -> list[bytes]:
+    """The model layer's images (pixels, never a PNG round trip) as the app's image tensors."""
     from dts_util.grpc.drawthings_app import tensors
 
-    return [tensors.encode_image(Image.open(io.BytesIO(png))) for png in pngs]
+    return [tensors.encode_image(image) for image in pixels]
 
 
 def _latent_tensor(preview: LatentPreview) -> bytes:

@@ -12,7 +12,6 @@ trusts its input) are decoded in a child process with a memory limit.
 
 from __future__ import annotations
 
-import io
 import math
 import struct
 import subprocess
@@ -213,10 +212,3 @@ def mask_image(tensor: Tensor, size: tuple[int, int], field: str = "mask") -> Im
                              f"{size[1]}x{size[0]} pixels")
     repaint = np.isin(values.astype(np.uint8) & 7, MASK_REPAINT)
     return Image.fromarray((repaint * 255).astype(np.uint8), "L")
-
-
-def png(image: Image.Image) -> bytes:
-    """Lossless bytes for the boundary request (the model layer decodes and checks them once more)."""
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
