@@ -10,11 +10,9 @@ cache are shared by all workers.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -24,6 +22,7 @@ from dts_util.config import ServerConfig, check_dtype, check_fp8, resolve_device
 from dts_util.errors import GenerationTimedOut
 from dts_util.models.store import ModelStore
 from dts_util.work_queue import GenerationQueue
+from dts_util.executors import IMAGES, run_in
 
 if TYPE_CHECKING:
     from dts_util.pipeline.generation import GenerationResult
@@ -43,10 +42,6 @@ def _pin_device(device: str) -> Callable[[], None] | None:
         torch.cuda.set_device(device)
 
     return pin
-
-
-# Image encoding off the device's thread, bounded: each job holds a request's decoded images.
-_ENCODERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dts-encode")
 
 
 def _stop_check(stop: threading.Event, cap: float) -> Callable[[], bool]:
@@ -95,7 +90,7 @@ class Worker:
     async def generate(self, request: GenerationRequest, streamed: bool,
                        on_update: UpdateCallback | None) -> GenerationOutput:
         self.queue.check_room()  # a full queue refuses before the request's images are decoded
-        model, resolved = await asyncio.to_thread(self.service.prepare, request, streamed)
+        model, resolved = await run_in(IMAGES, self.service.prepare, request, streamed)  # decodes the images
         stop = threading.Event()
         cap = self.service.config.max_generation_seconds
 
@@ -104,8 +99,7 @@ class Worker:
 
         result = await self.queue.run(job, stop)
         # Encoding the images is the CPU's work: the device takes the next request meanwhile.
-        return await asyncio.get_running_loop().run_in_executor(_ENCODERS, self.service.encode, model, resolved,
-                                                                result)
+        return await run_in(IMAGES, self.service.encode, model, resolved, result)
 
     def holds_model(self, name: str) -> bool:
         return self.service.holds_model(name)

@@ -12,6 +12,7 @@ import grpc
 from dts_util.boundary import GenerationOutput, GenerationRequest, ImageGenerator, LatentPreview
 from dts_util.errors import CallCancelled, UploadStalled
 from dts_util.grpc.interceptors import request_log
+from dts_util.executors import FILES
 
 T = TypeVar("T")
 
@@ -77,7 +78,7 @@ async def confirm_client_finished(context: grpc.aio.ServicerContext, watch: Call
 async def in_thread(function: Callable[..., T], *args: Any) -> T:
     """Run a file operation in a thread; if the call is cancelled meanwhile, let it end before going on,
     so the upload is never aborted under a write still in progress."""
-    future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+    future = asyncio.get_running_loop().run_in_executor(FILES, function, *args)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -127,7 +128,7 @@ def _retrieve_outcome(task: asyncio.Future) -> None:
 
 async def open_upload(store: Any, name: str, overwrite: bool, declared_size: int) -> Any:
     """``store.open_upload`` in a thread; if the call is cancelled meanwhile, abort what was opened."""
-    opening = asyncio.get_running_loop().run_in_executor(None, store.open_upload, name, overwrite, declared_size)
+    opening = asyncio.get_running_loop().run_in_executor(FILES, store.open_upload, name, overwrite, declared_size)
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:

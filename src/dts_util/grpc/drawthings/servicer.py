@@ -7,7 +7,6 @@ generation) runs off the event loop so Echo and health always answer at once.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import AsyncIterator
 
@@ -25,6 +24,7 @@ from dts_util.grpc.proto import image_generation_pb2 as pb
 from dts_util.grpc.proto import image_generation_pb2_grpc as pb_grpc
 from dts_util.limits import MAX_FILES_EXIST_ENTRIES, MAX_PATH_CHARS
 from dts_util.models.store import Upload
+from dts_util.executors import FILES, run_in
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -42,8 +42,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         self.generator, self.upload_idle_timeout = generator, upload_idle_timeout
 
     async def Echo(self, request: pb.EchoRequest, context: grpc.aio.ServicerContext) -> pb.EchoResponse:
-        models = await asyncio.to_thread(self.generator.model_names)
-        described = await asyncio.to_thread(self.generator.describe_models)
+        models = await run_in(FILES, self.generator.model_names)
+        described = await run_in(FILES, self.generator.describe_models)
         return convert.echo_response(__version__, models, self.generator.default_model, described)
 
     async def FilesExist(self, request: pb.FilesExistRequest,
@@ -53,7 +53,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
             raise InvalidRequest(f"FilesExist got {len(names)} files; send at most {MAX_FILES_EXIST_ENTRIES} "
                                  "per call")
         request_log()["files"] = len(names)
-        return convert.files_exist_response(await asyncio.to_thread(self._check_files, names))
+        return convert.files_exist_response(await run_in(FILES, self._check_files, names))
 
     def _check_files(self, names: list[str]) -> list[tuple[str, bool, str]]:
         results = []

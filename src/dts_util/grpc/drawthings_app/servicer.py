@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import socket
-import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -28,14 +27,13 @@ from dts_util.grpc.interceptors import request_log
 from dts_util.grpc.proto import draw_things_app_pb2 as pb
 from dts_util.grpc.proto import draw_things_app_pb2_grpc as pb_grpc
 from dts_util.limits import MAX_APP_CONTENTS, MAX_FILES_EXIST_ENTRIES, MAX_PATH_CHARS
+from dts_util.executors import FILES, IMAGES, run_in
 
 # Responses over this size go in pieces when the client asks for ``chunked`` (the app always does).
 CHUNK_BYTES = 4 * 1024 * 1024
 # The app's files are its own format; dts-util loads these.
 UPLOADABLE_SUFFIXES = (".safetensors",)
 Signpost = pb.ImageGenerationSignpostProto
-# Requests decoding their tensors at once (each holds its images in memory before it is queued).
-_DECODING = threading.BoundedSemaphore(2)
 
 
 class AppServicer(pb_grpc.ImageGenerationServiceServicer):
@@ -72,7 +70,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
     async def Echo(self, request: pb.EchoRequest, context: grpc.aio.ServicerContext) -> pb.EchoReply:
         if not self._secret_ok(request):
             return pb.EchoReply(sharedSecretMissing=True)
-        files, override = await asyncio.to_thread(self._model_browser)
+        files, override = await run_in(FILES, self._model_browser)
         return pb.EchoReply(message=f"HELLO {request.name[:MAX_PATH_CHARS]}", files=files, override=override,
                             serverIdentifier=self.server_identifier)
 
@@ -100,7 +98,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
         if len(request.files) > MAX_FILES_EXIST_ENTRIES or len(request.filesWithHash) > MAX_FILES_EXIST_ENTRIES:
             raise InvalidRequest(f"FilesExist got {len(request.files)} files; send at most {MAX_FILES_EXIST_ENTRIES}")
         request_log()["files"] = len(request.files)
-        found = await asyncio.to_thread(self._files, list(request.files), set(request.filesWithHash))
+        found = await run_in(FILES, self._files, list(request.files), set(request.filesWithHash))
         return pb.FileExistenceResponse(files=request.files, existences=[f[0] for f in found],
                                         hashes=[f[1] for f in found])
 
@@ -127,7 +125,8 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
     async def GenerateImage(self, request: pb.ImageGenerationRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ImageGenerationResponse]:
         self._require_secret(request)
-        boundary, expected = await asyncio.to_thread(self._decode_request, request)
+        # On the image pool, a few at a time: each decode holds an image in memory before the queue is asked.
+        boundary, expected = await run_in(IMAGES, self._boundary_request, request)
         request_log().update(user=request.user[:80])
 
         def signpost(event: dict, preview: LatentPreview | None) -> pb.ImageGenerationResponse | None:
@@ -144,7 +143,7 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
                 yield item
         output: GenerationOutput = item
         request_log()["summary"] = output.summary
-        blobs = await asyncio.to_thread(_result_tensors, output.pixels)
+        blobs = await run_in(IMAGES, _result_tensors, output.pixels)
         total = sum(len(blob) for blob in blobs)
         yield pb.ImageGenerationResponse(downloadSize=total)
         pieces = request.chunked and total > CHUNK_BYTES
@@ -154,11 +153,6 @@ class AppServicer(pb_grpc.ImageGenerationServiceServicer):
                 yield pb.ImageGenerationResponse(
                     generatedImages=[blob[start:end]], scaleFactor=1,
                     chunkState=pb.LAST_CHUNK if end == len(blob) else pb.MORE_CHUNKS)
-
-    def _decode_request(self, request: pb.ImageGenerationRequest) -> tuple[GenerationRequest, list]:
-        """``_boundary_request``, a few at a time: each holds a decoded image before the queue is asked for room."""
-        with _DECODING:
-            return self._boundary_request(request)
 
     def _boundary_request(self, request: pb.ImageGenerationRequest) -> tuple[GenerationRequest, list]:
         """The app's request as the model layer's, and the signposts it will pass; refuses what cannot be done."""
