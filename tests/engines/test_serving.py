@@ -135,3 +135,27 @@ def test_background_builds_are_bounded_and_a_failed_one_backs_off(cpu_model, tmp
     finally:
         gate.set()
         builds.stop()
+
+
+def test_a_failed_background_build_is_recorded_for_engines_list(cpu_model, model_store, tmp_path,
+                                                                monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import dts_util.engines.builder as builder
+    from dts_util.boundary import Shape
+    from dts_util.cli import app
+    from dts_util.engines.manager import BackgroundBuilds, failed_builds
+
+    monkeypatch.setattr(builder, "build", lambda job, model, engine_dir: builder.BuildResult(
+        job, "failed", error="the compiler ran out of memory"))
+    builds = BackgroundBuilds(tmp_path)
+    try:
+        assert builds.request(cpu_model, "vae_decoder", Shape(8, 8, 1))
+        builds.wait()
+    finally:
+        builds.stop()
+    [failure] = failed_builds(tmp_path)
+    assert failure["component"] == "vae_decoder" and "ran out of memory" in failure["error"]
+    listed = CliRunner().invoke(app, ["engines", "list", "--engine-dir", str(tmp_path), "--model-path",
+                                      str(model_store.root)])
+    assert "failed build" in listed.output and "ran out of memory" in listed.output

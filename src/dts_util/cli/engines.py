@@ -207,8 +207,14 @@ def engines_list(engine_dir: EngineDirOpt = None, model_path: ModelDirOpt = None
 
     from dts_util.engines.inventory import engine_status
 
+    from dts_util.engines.manager import failed_builds
+
     engines = engine_dir or default_engine_dir()
     rows = engine_status(engines, model_path or default_model_dir())
+    failures = failed_builds(engines)
+    for failure in failures:  # background builds (serve --build-missing) that failed, newest record per engine
+        err.print(f"[red]failed build[/] {failure.get('model')} {failure.get('label')} at {failure.get('at')}: "
+                  f"{str(failure.get('error', ''))[:300]}", highlight=False)
     if not rows:
         out.print(f"no engines in {engines}; build some with `dts-util build-engines`")
         return

@@ -10,6 +10,7 @@ picks the result up on a later request.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -21,6 +22,7 @@ from dts_util.engines.backends import BACKENDS, available_backend_versions, get_
 from dts_util.engines.backends.base import Runner
 from dts_util.engines.device import device_fingerprint, device_info
 from dts_util.engines.registry import EngineRecord, EngineRegistry
+from dts_util.atomic_files import write_text_atomic
 from dts_util.metrics import observe_background_build
 from dts_util.models.loader import LoadedModel
 from dts_util.boundary import TOKENS_PER_CHUNK, Shape
@@ -139,6 +141,25 @@ _OUTCOMES = (("too large", "too_large"), ("background build already", "already_q
              ("background build failed", "backing_off"), ("background build queue full", "queue_full"))
 
 
+FAILURE_SUFFIX = ".failed.json"
+
+
+def failure_record_path(engine_path: Path) -> Path:
+    """Where a failed background build of ``engine_path`` is recorded (removed when a build succeeds)."""
+    return engine_path.with_name(engine_path.name + FAILURE_SUFFIX)
+
+
+def failed_builds(engine_dir: Path) -> list[dict]:
+    """Every recorded failed background build under ``engine_dir`` (unreadable records are skipped)."""
+    found = []
+    for path in sorted(Path(engine_dir).rglob(f"*{FAILURE_SUFFIX}")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 class BackgroundBuilds:
     """A worker thread that builds engines for shapes requests needed but had none.
 
@@ -225,8 +246,15 @@ class BackgroundBuilds:
                     prompt_chunks=(max(1, shape.text_length // TOKENS_PER_CHUNK),))
         for job in jobs:
             result = build(job, source, self.engine_dir)
+            failure = failure_record_path(job.paths.engine)
             if result.status == "failed":
+                # Kept beside the engines so `dts-util engines list` shows it after the server's log has scrolled.
+                failure.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(failure, json.dumps({"model": model.name, "component": component,
+                                                       "label": job.label, "error": result.error[:2000],
+                                                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
                 raise RuntimeError(result.error)
+            failure.unlink(missing_ok=True)
 
     def wait(self) -> None:
         """Block until every queued build finished (tests, shutdown)."""
