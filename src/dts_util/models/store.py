@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from dts_util.atomic_files import fsync_folder
 from dts_util.client_text import quote
 from dts_util.errors import (FileExists, InvalidPath, ModelLoadError, ModelNotFound, PathConflict, StartupError,
                              StoreFull, UploadCorrupt, UploadTooLarge)
@@ -448,7 +449,7 @@ class Upload:
             else:
                 self._link_into_place()
             self._created = []
-            _fsync_folder(self.target.parent)
+            fsync_folder(self.target.parent)
         self._tmp.unlink(missing_ok=True)
         self.store._release(self)
 
@@ -530,20 +531,6 @@ def _sha256_of(path: Path) -> str:
         while block := fh.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
