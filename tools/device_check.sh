@@ -54,13 +54,13 @@ if [ "$DRY_RUN" = 1 ]; then
     export DTS_GPU_DRY_RUN=1
     DEVICE=cpu MODEL_ARGS=(--arch builtin --resolution 128x128) RUNS=(--repeats 2 --e2e-steps 4)
     SERVER_ARGS=(--sizes 128 --runs 1 --steps 4) LIMITS=(300 400 120 200) FLUX_ARGS=(--dry-run)
-    # A smoke run: the compiled path and the AOTInductor engine have CPU tests of their own in the suite;
-    # here the GPU tests' other steps run, and the benchmark builds the one engine bench_grpc serves.
-    GPU_TEST_ARGS=(-k "not compiled_path and not aotinductor_engine") COMPILE_ARGS=()
+    # A smoke run: the compiled path and AOTInductor engines have CPU tests of their own in the suite;
+    # here the GPU tests' other steps run, and the benchmark builds ONNX Runtime engines for bench_grpc to serve.
+    GPU_TEST_ARGS=(-k "not compiled_path and not aotinductor_engine") COMPILE_ARGS=() BENCH_BACKENDS=onnxruntime
 else
     DEVICE=cuda MODEL_ARGS=(--arch sd15 --resolution 512x512) RUNS=(--repeats 30 --e2e-steps 20)
     SERVER_ARGS=(--model bench-sd15-arch --sizes 512 --runs 2 --steps 20) LIMITS=(170 270 70 260) FLUX_ARGS=()
-    GPU_TEST_ARGS=() COMPILE_ARGS=(--torch-compile)
+    GPU_TEST_ARGS=() COMPILE_ARGS=(--torch-compile) BENCH_BACKENDS=aotinductor,aotinductor+cudagraph
 fi
 export DTS_GPU_MODEL_DIR="$WORK/models"
 mkdir -p "$DTS_GPU_MODEL_DIR"
@@ -86,7 +86,7 @@ step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -q -m gpu tests/gpu -p no:cachepro
     --junitxml="$OUT/gpu_tests.xml"
 
 step bench_engines "${LIMITS[1]}" "$PY" tools/bench_engines.py "${MODEL_ARGS[@]}" "${RUNS[@]}" \
-    --device "$DEVICE" "${COMPILE_ARGS[@]}" --backends aotinductor,aotinductor+cudagraph --engine-components unet \
+    --device "$DEVICE" "${COMPILE_ARGS[@]}" --backends "$BENCH_BACKENDS" --engine-components unet \
     --model-dir "$DTS_GPU_MODEL_DIR" --engine-dir "$WORK/engines" --json "$OUT/bench_engines.json"
 
 step bench_grpc "${LIMITS[2]}" "$PY" tools/bench_server.py "${SERVER_ARGS[@]}" --stream-only \

@@ -23,9 +23,9 @@ def test_the_gpu_check_dry_run_executes_every_step(tmp_path: Path) -> None:
     assert "failed steps: none" in report and "2 passed, 2 deselected" in report
     engines = json.loads((tmp_path / "bench_engines.json").read_text())
     rows = {row["backend"]: row for row in engines["rows"]}
-    assert {"eager", "aotinductor"} <= set(rows) and all("error" not in r for r in rows.values())
+    assert {"eager", "onnxruntime"} <= set(rows) and all("error" not in r for r in rows.values())
     grpc_rows = json.loads((tmp_path / "bench_grpc.json").read_text())
-    assert grpc_rows[0]["backends"]["unet"] == "aotinductor" and grpc_rows[0]["client_ms"] > 0
+    assert grpc_rows[0]["backends"]["unet"] == "onnxruntime" and grpc_rows[0]["client_ms"] > 0
     flux = {row["variant"]: row for row in json.loads((tmp_path / "bench_flux.json").read_text())["rows"]}
     assert flux["eager bf16"]["step_ms"] > 0 and flux["torch.compile bf16"]["pixel_max_diff"] <= 255
     assert flux["fp8 (torchao)"]["skipped"] == "fp8 matmuls need a CUDA GPU"
