@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_to_single_file import _standalone, convert_vae  # noqa: E402 - a sibling tool
 
 from dts_util.families.flux import (BFL_DOUBLE, BFL_DOUBLE_NORMS, BFL_FINAL_MODULATION, BFL_TOP,  # noqa: E402
-                                    swap_halves)
+                                    move_parameters, swap_halves)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 ALL_IN_ONE = {"transformer": "model.diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.",
@@ -45,9 +45,7 @@ def convert_transformer(sd: dict[str, torch.Tensor], double: int, single: int) -
     sd, out = dict(sd), {}
 
     def move(source: str, target: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{source}.{suffix}" in sd:
-                out[f"{target}.{suffix}"] = sd.pop(f"{source}.{suffix}")
+        move_parameters(sd, out, source, target)
 
     for source, target in BFL_TOP.items():
         move(source, target)

@@ -776,6 +776,14 @@ def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def move_parameters(state: dict[str, torch.Tensor], out: dict[str, torch.Tensor], source: str, target: str) -> None:
+    """Move a layer's ``weight`` (and ``bias``, where it has one) from ``state`` under ``source`` to ``out`` under
+    ``target``: one step of either direction of the BFL <-> diffusers renaming."""
+    for suffix in ("weight", "bias"):
+        if f"{source}.{suffix}" in state:
+            out[f"{target}.{suffix}"] = state.pop(f"{source}.{suffix}")
+
+
 def bfl_to_diffusers(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A BFL-layout transformer state dict under diffusers' names (any width: diffusers' own converter assumes
     FLUX.1's 3072)."""
@@ -783,9 +791,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor], config: Mapping[str, Any]) 
     inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
 
     def move(source: str, target: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{source}.{suffix}" in state:
-                out[f"{target}.{suffix}"] = state.pop(f"{source}.{suffix}")
+        move_parameters(state, out, source, target)
 
     for diffusers_name, bfl_name in BFL_TOP.items():
         move(bfl_name, diffusers_name)
