@@ -25,19 +25,18 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from dts_util.boundary import Shape
 from dts_util.client_text import quote
 from dts_util.engines.components import ComponentDescriptor, VAE_DECODER, VAE_ENCODER
-from dts_util.errors import FeatureUnavailable, ModelLoadError
+from dts_util.errors import ModelLoadError
 from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
-from dts_util.pipeline.generation import DenoisingPipeline, PromptEmbeddings, StartState
+from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
+from dts_util.pipeline.generation import PromptEmbeddings, StartState
 from dts_util.pipeline.params import ResolvedRequest
 from dts_util.pipeline.samplers import Sampler
 
@@ -68,18 +67,6 @@ LATENT_RGB = (((-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.
                (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499),
                (-0.1262, -0.0982, -0.0778)), (-0.0329, -0.0718, -0.0851))
 
-# Sampler -> its flow-matching counterpart in diffusers, keyed by the SD scheduler the name builds.
-_FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
-FLOW_COUNTERPARTS: Mapping[str, tuple[str, dict[str, Any]]] = {
-    "EulerDiscreteScheduler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "DDIMScheduler": ("FlowMatchEulerDiscreteScheduler", {}),  # deterministic DDIM on a flow ODE is Euler
-    "EulerAncestralDiscreteScheduler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
-    "DPMSolverMultistepScheduler": ("DPMSolverMultistepScheduler", _FLOW_SIGMAS),
-    "UniPCMultistepScheduler": ("UniPCMultistepScheduler", _FLOW_SIGMAS),
-    "HeunDiscreteScheduler": ("FlowMatchHeunDiscreteScheduler", {}),
-    "LCMScheduler": ("FlowMatchLCMScheduler", {}),
-}
-DEFAULT_SAMPLER = "Euler"
 
 
 class FluxFamily(ModelFamily):
@@ -113,7 +100,7 @@ class FluxFamily(ModelFamily):
             vae_config=read_json_file(path / "vae" / "config.json", f"{name}/vae/config.json"),
             scheduler_config=read_json_file(path / "scheduler" / "scheduler_config.json",
                                             f"{name}/scheduler/scheduler_config.json"),
-            stored_dtype=_folder_dtype(path / "transformer"),
+            stored_dtype=folder_dtype(path / "transformer"),
         )
 
     def inspect_file(self, name: str, path: Path, config_cache: Path) -> "ModelInfo":
@@ -157,18 +144,7 @@ class FluxFamily(ModelFamily):
                               flow_matching=True)
 
     def check_sampler(self, info: "ModelInfo", sampler: Sampler) -> Sampler:
-        counterpart = FLOW_COUNTERPARTS.get(sampler.scheduler)
-        if counterpart is None or sampler.config.get("algorithm_type", "").startswith("sde"):
-            from dts_util.pipeline.samplers import SAMPLERS
-
-            names = [s.name for s in SAMPLERS if s.scheduler in FLOW_COUNTERPARTS
-                     and not s.config.get("algorithm_type", "").startswith("sde")]
-            raise FeatureUnavailable(f"sampler {quote(sampler.name)} has no flow-matching counterpart for FLUX "
-                                     f"model {quote(info.name)}; use one of: {', '.join(names)}")
-        scheduler, config = counterpart
-        # Karras sigmas, AYS and the app's fixed schedules are SD timestep schedules: a flow model samples
-        # its own shifted sigmas.
-        return replace(sampler, scheduler=scheduler, config=dict(config), schedule="")
+        return flow_sampler(info.name, "FLUX", sampler)
 
     # -- loading -------------------------------------------------------------------------------------
 
@@ -231,7 +207,7 @@ def _guidance_distilled(info: "ModelInfo") -> bool:
 # -- the pipeline ------------------------------------------------------------------------------------
 
 
-class FluxPipeline(DenoisingPipeline):
+class FluxPipeline(FlowMatchingPipeline):
     """diffusers' ``FluxPipeline``, ``FluxImg2ImgPipeline`` and ``FluxInpaintPipeline`` semantics."""
 
     def encode_prompt(self, req: ResolvedRequest) -> PromptEmbeddings:
@@ -261,40 +237,6 @@ class FluxPipeline(DenoisingPipeline):
         states = t5(t5_ids.to(self.device), output_hidden_states=False)[0]
         tokens = len(t5_tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
         return states.to(self.dtype), pooled.to(self.dtype), tokens
-
-    def make_scheduler(self, req: ResolvedRequest, width: int, height: int) -> Any:
-        from dts_util.pipeline.samplers import scheduler_class
-
-        config = dict(self.model.info.scheduler_config)
-        overrides = dict(req.sampler.config)
-        if req.shift:  # a fixed shift replaces the resolution-dependent one
-            overrides.update(shift=req.shift, flow_shift=req.shift, use_dynamic_shifting=False)
-        elif "use_flow_sigmas" in overrides:
-            overrides["flow_shift"] = config.get("shift", 1.0)
-        scheduler = scheduler_class(req.sampler.scheduler).from_config(config, **overrides)
-        mu = image_shift(config, width, height, self.vae_scale)
-        dynamic = bool(scheduler.config.get("use_dynamic_shifting", False))
-        _set_flow_timesteps(scheduler, req.steps, mu if dynamic else None, self.device)
-        return scheduler
-
-    def first_step(self, steps: int, strength: float) -> int:
-        """diffusers' FLUX ``get_timesteps``: ``int(steps - steps x strength)``, at least one step left."""
-        begin = int(max(steps - min(steps * strength, steps), 0))
-        return min(begin, steps - 1)
-
-    def image_latents(self, moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """One sample of the input image's latents, from the first image's generator, for the whole batch: diffusers'
-        FLUX pipelines encode the one input image once."""
-        return self._sample_latents(moments, generators[:1]).repeat(len(generators), 1, 1, 1)
-
-    def noise_to(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
-                 timestep: torch.Tensor) -> torch.Tensor:
-        """The flow-matching interpolation ``sigma x noise + (1 - sigma) x latents`` at ``timestep``'s sigma."""
-        if hasattr(scheduler, "scale_noise"):
-            return scheduler.scale_noise(latents, timestep, noise)
-        index = int((scheduler.timesteps.to(timestep.device) - timestep.flatten()[0]).abs().argmin())
-        sigma = scheduler.sigmas[index].to(latents.device, latents.dtype)
-        return sigma * noise + (1.0 - sigma) * latents
 
     def denoiser_shape(self, req: ResolvedRequest, latents: torch.Tensor, embeddings: PromptEmbeddings) -> Shape:
         # True CFG runs the negative branch as a call of its own, as diffusers does: the batch stays B.
@@ -328,30 +270,6 @@ class FluxPipeline(DenoisingPipeline):
         if req.use_cfg:  # true CFG: the negative branch's prediction, pushed away from
             prediction = predictions[1] + req.true_cfg_scale * (predictions[0] - predictions[1])
         return unpack_latents(prediction, height, width)
-
-
-def image_shift(config: Mapping[str, Any], width: int, height: int, vae_scale: int) -> float:
-    """diffusers' ``calculate_shift``: ``mu`` grows linearly with the number of image tokens."""
-    tokens = (height // vae_scale // 2) * (width // vae_scale // 2)
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return tokens * slope + (base_shift - slope * base_len)
-
-
-def _set_flow_timesteps(scheduler: Any, steps: int, mu: float | None, device: Any) -> None:
-    """diffusers' FLUX ``retrieve_timesteps``: sigmas ``linspace(1, 1/steps)`` where the scheduler takes them,
-    else (schedulers with flow sigmas of their own) the step count; ``mu`` where it shifts by resolution."""
-    import inspect
-
-    parameters = inspect.signature(scheduler.set_timesteps).parameters
-    kwargs: dict[str, Any] = {}
-    if "mu" in parameters and mu is not None:
-        kwargs["mu"] = mu
-    if "sigmas" in parameters and not scheduler.config.get("use_flow_sigmas", False):
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
-    else:
-        scheduler.set_timesteps(steps, device=device, **kwargs)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -609,7 +527,7 @@ def safetensors_dtype(path: Path, prefix: str = "") -> str:
     return ""
 
 
-def _folder_dtype(folder: Path) -> str:
+def folder_dtype(folder: Path) -> str:
     files = sorted(folder.glob("*.safetensors"))
     return safetensors_dtype(files[0]) if files else ""
 
@@ -623,7 +541,7 @@ def _config_folder(name: str, files: Mapping[str, Path], cache: Path) -> Path:
     from dts_util.models.checkpoint import cached_shapes
     from dts_util.models.store import publish_folder
 
-    shapes = {part: _strip(cached_shapes(path), _part_prefix(part, path, files)) for part, path in files.items()}
+    shapes = {part: strip_prefix(cached_shapes(path), _part_prefix(part, path, files)) for part, path in files.items()}
     configs = {"transformer": transformer_config(shapes["transformer"]),
                "vae": vae_config(shapes["vae"]),
                "text_encoder": clip_config(shapes["text_encoder"]),
@@ -646,11 +564,11 @@ def _shapes(path: Path) -> Mapping[str, tuple[int, ...]]:
     return cached_shapes(path)
 
 
-def _strip(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+def strip_prefix(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
     return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
-def _count(shapes: Mapping[str, Any], pattern: str) -> int:
+def count_indices(shapes: Mapping[str, Any], pattern: str) -> int:
     regex = re.compile(pattern)
     return len({m.group(1) for k in shapes if (m := regex.match(k))})
 
@@ -662,8 +580,8 @@ def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": in_channels,
             "out_channels": shapes["final_layer.linear.weight"][0],
-            "num_layers": _count(shapes, r"double_blocks\.(\d+)\."),
-            "num_single_layers": _count(shapes, r"single_blocks\.(\d+)\."),
+            "num_layers": count_indices(shapes, r"double_blocks\.(\d+)\."),
+            "num_single_layers": count_indices(shapes, r"single_blocks\.(\d+)\."),
             "attention_head_dim": head_dim, "num_attention_heads": inner // head_dim,
             "joint_attention_dim": shapes["txt_in.weight"][1],
             "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
@@ -673,13 +591,13 @@ def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
 
 def vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     """AutoencoderKL's config from an LDM-layout VAE's shapes (FLUX's ae.safetensors)."""
-    levels = _count(shapes, r"encoder\.down\.(\d+)\.")
+    levels = count_indices(shapes, r"encoder\.down\.(\d+)\.")
     return {"_class_name": "AutoencoderKL", "in_channels": shapes["encoder.conv_in.weight"][1],
             "out_channels": shapes["decoder.conv_out.weight"][0],
             "latent_channels": shapes["decoder.conv_in.weight"][1],
             "block_out_channels": [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)],
             "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "layers_per_block": _count(shapes, r"encoder\.down\.0\.block\.(\d+)\."), "norm_num_groups": 32,
+            "layers_per_block": count_indices(shapes, r"encoder\.down\.0\.block\.(\d+)\."), "norm_num_groups": 32,
             "act_fn": "silu", "sample_size": 1024, "scaling_factor": VAE_SCALING, "shift_factor": VAE_SHIFT,
             "use_quant_conv": "quant_conv.weight" in shapes, "use_post_quant_conv": "post_quant_conv.weight" in shapes,
             "force_upcast": True}
@@ -691,7 +609,7 @@ def clip_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     projection = shapes.get("text_projection.weight", (hidden,))[0]
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab,
             "hidden_size": hidden, "intermediate_size": shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
-            "num_hidden_layers": _count(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
+            "num_hidden_layers": count_indices(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
             "num_attention_heads": max(1, hidden // 64),
             "max_position_embeddings": shapes["text_model.embeddings.position_embedding.weight"][0],
             "hidden_act": "quick_gelu", "projection_dim": projection, "bos_token_id": 49406, "eos_token_id": 49407,
@@ -707,7 +625,7 @@ def t5_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
                 "encoder.block.0.layer.1.DenseReluDense.wi.weight"][0]
     return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": vocab, "d_model": width,
             "d_kv": shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads, "d_ff": ff,
-            "num_layers": _count(shapes, r"encoder\.block\.(\d+)\."), "num_heads": heads,
+            "num_layers": count_indices(shapes, r"encoder\.block\.(\d+)\."), "num_heads": heads,
             "relative_attention_num_buckets": buckets, "relative_attention_max_distance": 128,
             "feed_forward_proj": "gated-gelu" if gated else "relu", "is_encoder_decoder": False,
             "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
@@ -824,7 +742,7 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor], config: Mapping[str, Any]) 
     return out
 
 
-def _read_tensors(model_name: str, path: Path, prefix: str, dtype: torch.dtype,
+def read_tensors(model_name: str, path: Path, prefix: str, dtype: torch.dtype,
                   exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The tensors under ``prefix`` of a safetensors file, without the prefix, each converted to ``dtype`` as it is
     read (fp8 and bf16 files are never widened beyond it)."""
@@ -850,7 +768,7 @@ def _load_bfl_transformer(model: "LoadedModel") -> Any:
     path = model.info.files["transformer"]
     prefix = _bfl_prefix(_shapes(path)) or ""
     others = tuple(ALL_IN_ONE.values()) if prefix == "" else ()
-    state = bfl_to_diffusers(_read_tensors(model.name, path, prefix, model.dtype, others), model.info.denoiser_config)
+    state = bfl_to_diffusers(read_tensors(model.name, path, prefix, model.dtype, others), model.info.denoiser_config)
     with LOAD_LOCK, torch.device("meta"):
         module = FluxTransformer2DModel.from_config(model.info.denoiser_config)
     try:
@@ -869,7 +787,7 @@ def _load_encoder(model: "LoadedModel", cls: type, part: str) -> Any:
     path = model.info.files[part]
     prefix = ALL_IN_ONE[part] if path == model.info.files["transformer"] else ""
     config = cls.config_class.from_pretrained(model.info.config_dir / part)
-    state = _read_tensors(model.name, path, prefix, model.dtype)
+    state = read_tensors(model.name, path, prefix, model.dtype)
     with LOAD_LOCK, torch.device("meta"):
         module = cls(config)
     if "shared.weight" in state:  # T5 ties its encoder's embedding to the shared one
@@ -878,7 +796,7 @@ def _load_encoder(model: "LoadedModel", cls: type, part: str) -> Any:
         # transformers >= 5.6 dropped CLIPTextModel's "text_model." level; files keep it
         state = {key.removeprefix("text_model."): value for key, value in state.items()}
     result = module.load_state_dict(state, strict=False, assign=True)
-    _materialize_buffers(module, cls, config)
+    materialize_buffers(module, cls, config)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing:
         raise ModelLoadError(f"the {COMPANION_KINDS[part]} file {quote(path.name)} of model {quote(model.name)} lacks "
@@ -886,7 +804,7 @@ def _load_encoder(model: "LoadedModel", cls: type, part: str) -> Any:
     return model.prepare_module(module.to(model.dtype), part)
 
 
-def _materialize_buffers(module: torch.nn.Module, cls: type, config: Any) -> None:
+def materialize_buffers(module: torch.nn.Module, cls: type, config: Any) -> None:
     """Buffers a state dict does not hold (CLIP's position ids) are left on the meta device by ``assign``:
     take them from a real instance's."""
     if not any(b.is_meta for b in module.buffers()):
