@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -35,6 +33,9 @@ from dts_util.client_text import quote
 from dts_util.engines.components import ComponentDescriptor, VAE_DECODER, VAE_ENCODER
 from dts_util.errors import ModelLoadError
 from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
+from dts_util.families.single_files import (Companions, count_indices, flux_vae_kind, folder_dtype,
+                                            materialize_buffers, read_tensors, safetensors_dtype, shapes_of,
+                                            strip_prefix)
 from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
 from dts_util.pipeline.generation import PromptEmbeddings, StartState
 from dts_util.pipeline.params import ResolvedRequest
@@ -109,7 +110,7 @@ class FluxFamily(ModelFamily):
         from dts_util.models.store import read_json_file
 
         keys = cached_shapes(path)
-        files = find_companions(name, path, keys)
+        files = COMPANIONS.find(name, path, keys)
         folder = _config_folder(name, files, config_cache)
         return ModelInfo(
             name=name, path=path, family=self.name,
@@ -338,7 +339,7 @@ class FluxTransformerComponent(ComponentDescriptor):
             axes["guidance"] = {0: "batch"}
         return axes
 
-    def input_shapes(self, info: "ModelInfo", shape: Shape) -> dict[str, tuple[int, ...]]:
+    def inputshapes_of(self, info: "ModelInfo", shape: Shape) -> dict[str, tuple[int, ...]]:
         config = info.denoiser_config
         b, tokens = shape.batch, (shape.latent_height // 2) * (shape.latent_width // 2)
         shapes = {"hidden_states": (b, tokens, int(config["in_channels"])), "timestep": (b,),
@@ -368,7 +369,7 @@ class FluxTransformerComponent(ComponentDescriptor):
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         generator = torch.Generator("cpu").manual_seed(seed)
         inputs = {}
-        for name, dims in self.input_shapes(info, shape).items():
+        for name, dims in self.inputshapes_of(info, shape).items():
             if name == "timestep":
                 value = torch.rand(dims, generator=generator)  # sigma in [0, 1)
             elif name == "guidance":
@@ -404,16 +405,6 @@ TRANSFORMER = FluxTransformerComponent()
 
 # -- single files as ComfyUI users keep them ----------------------------------------------------------
 
-# Where a transformer file's companions are looked for, relative to its folder (ComfyUI's models/ layout).
-COMPANION_FOLDERS = (".", "../clip", "../text_encoders", "../vae", "clip", "text_encoders", "vae")
-SIDECAR_SUFFIX = ".dts.json"
-COMPANION_KINDS = {"text_encoder": "CLIP-L text encoder (clip_l.safetensors)",
-                   "text_encoder_2": "T5-XXL text encoder (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors)",
-                   "vae": "FLUX VAE (ae.safetensors)"}
-_NAME_HINTS = {"text_encoder": ("clip_l", "clip"), "text_encoder_2": ("t5",), "vae": ("ae", "vae")}
-MAX_COMPANION_CANDIDATES = 64
-
-
 def _bfl_prefix(keys: Mapping[str, Any]) -> str | None:
     """The prefix of a FLUX transformer's tensors in Black Forest Labs' layout, or None when there is none."""
     for prefix in BFL_PREFIXES:
@@ -428,108 +419,15 @@ def _companion_kind(keys: Mapping[str, tuple[int, ...]], prefix: str = "") -> st
         return "text_encoder"
     if f"{prefix}encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
         return "text_encoder_2"
-    conv = keys.get(f"{prefix}decoder.conv_in.weight")
-    if conv is not None and len(conv) == 4 and conv[1] == 16:
-        return "vae"
-    return None
+    return "vae" if flux_vae_kind(keys, prefix) else None
 
 
-def find_companions(name: str, path: Path, keys: Mapping[str, tuple[int, ...]]) -> dict[str, Path]:
-    """The files a FLUX transformer file loads with: itself for parts it holds (an all-in-one checkpoint), a
-    sidecar's choices, else the best-named file of each kind in ``COMPANION_FOLDERS``; ModelLoadError names
-    what is missing."""
-    files: dict[str, Path] = {"transformer": path}
-    for part, prefix in ALL_IN_ONE.items():
-        if _companion_kind(keys, prefix) == part:
-            files[part] = path
-    files.update(_sidecar_companions(name, path))
-    missing = [part for part in COMPANION_KINDS if part not in files]
-    if missing:
-        found = _scan_companions(path, missing)
-        files.update(found)
-    missing = [part for part in COMPANION_KINDS if part not in files]
-    if missing:
-        wanted = "; ".join(COMPANION_KINDS[part] for part in missing)
-        raise ModelLoadError(
-            f"FLUX model {quote(name)} is a transformer file without its companions: no {wanted} was found beside "
-            f"it or in ../clip, ../text_encoders or ../vae. Put them there, or name them in "
-            f"{quote(path.name + SIDECAR_SUFFIX)} as {{\"text_encoder\": ..., \"text_encoder_2\": ..., \"vae\": ...}}")
-    return files
-
-
-def _sidecar_companions(name: str, path: Path) -> dict[str, Path]:
-    """Companions named in ``<file>.dts.json``, relative to the file's folder, never outside the store."""
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
-    if not sidecar.is_file():
-        return {}
-    try:
-        named = json.loads(sidecar.read_text(encoding="utf-8")[:65536])
-    except ValueError:
-        raise ModelLoadError(f"{quote(sidecar.name)} of model {quote(name)} is not JSON") from None
-    files = {}
-    for part in COMPANION_KINDS:
-        relative = named.get(part) if isinstance(named, dict) else None
-        if isinstance(relative, str) and relative:
-            candidate = (path.parent / relative).resolve()
-            if path.parent.resolve().parent not in candidate.parents or not candidate.is_file():
-                raise ModelLoadError(f"{quote(sidecar.name)} names {part} {quote(relative)}, which is not a file "
-                                     "in the model's folder or a folder beside it")
-            files[part] = candidate
-    return files
-
-
-def _scan_companions(path: Path, wanted: list[str]) -> dict[str, Path]:
-    """Each wanted kind's file among the safetensors files near ``path``, judged by their headers; a name
-    that says what it is (clip_l, t5, ae) wins over one that does not."""
-    from dts_util.models.checkpoint import cached_shapes
-
-    candidates: dict[str, list[Path]] = {part: [] for part in wanted}
-    seen = 0
-    for folder in COMPANION_FOLDERS:
-        directory = (path.parent / folder)
-        if not directory.is_dir():
-            continue
-        for file in sorted(directory.glob("*.safetensors")):
-            if file.resolve() == path.resolve() or seen >= MAX_COMPANION_CANDIDATES:
-                continue
-            seen += 1
-            try:
-                kind = _companion_kind(cached_shapes(file))
-            except (ModelLoadError, OSError):
-                continue
-            if kind in candidates and file not in candidates[kind]:
-                candidates[kind].append(file)
-    return {part: min(found, key=lambda f: _name_rank(part, f)) for part, found in candidates.items() if found}
-
-
-def _name_rank(part: str, file: Path) -> tuple[int, str]:
-    stem = file.stem.lower()
-    for rank, hint in enumerate(_NAME_HINTS[part]):
-        if stem.startswith(hint):
-            return rank, file.name
-    return len(_NAME_HINTS[part]), file.name
-
-
-def safetensors_dtype(path: Path, prefix: str = "") -> str:
-    """The dtype of a safetensors file's first tensor under ``prefix``: "fp32", "bf16", "fp16", "fp8" or ""."""
-    try:
-        with path.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100 * 1024 * 1024:
-                return ""
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError, struct.error):
-        return ""
-    for key, meta in header.items():
-        if key.startswith(prefix) and isinstance(meta, dict) and "dtype" in meta:
-            return {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}.get(
-                meta["dtype"], "")
-    return ""
-
-
-def folder_dtype(folder: Path) -> str:
-    files = sorted(folder.glob("*.safetensors"))
-    return safetensors_dtype(files[0]) if files else ""
+COMPANIONS = Companions(
+    "FLUX", {"text_encoder": "CLIP-L text encoder (clip_l.safetensors)",
+             "text_encoder_2": "T5-XXL text encoder (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors)",
+             "vae": "FLUX VAE (ae.safetensors)"},
+    _companion_kind, {"text_encoder": ("clip_l", "clip"), "text_encoder_2": ("t5",), "vae": ("ae", "vae")},
+    ALL_IN_ONE)
 
 
 # -- config folders for single files ----------------------------------------------------------------------
@@ -554,23 +452,8 @@ def _config_folder(name: str, files: Mapping[str, Path], cache: Path) -> Path:
 
 def _part_prefix(part: str, path: Path, files: Mapping[str, Path]) -> str:
     if part == "transformer":
-        return _bfl_prefix(_shapes(path)) or ""
+        return _bfl_prefix(shapes_of(path)) or ""
     return ALL_IN_ONE[part] if path == files["transformer"] else ""
-
-
-def _shapes(path: Path) -> Mapping[str, tuple[int, ...]]:
-    from dts_util.models.checkpoint import cached_shapes
-
-    return cached_shapes(path)
-
-
-def strip_prefix(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
-    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-
-
-def count_indices(shapes: Mapping[str, Any], pattern: str) -> int:
-    regex = re.compile(pattern)
-    return len({m.group(1) for k in shapes if (m := regex.match(k))})
 
 
 def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -742,22 +625,6 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor], config: Mapping[str, Any]) 
     return out
 
 
-def read_tensors(model_name: str, path: Path, prefix: str, dtype: torch.dtype,
-                  exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The tensors under ``prefix`` of a safetensors file, without the prefix, each converted to ``dtype`` as it is
-    read (fp8 and bf16 files are never widened beyond it)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key[len(prefix):]: handle.get_tensor(key).to(dtype) for key in handle.keys()
-                    if key.startswith(prefix) and not key.startswith(exclude)}
-    except (SafetensorError, OSError) as exc:
-        reason = str(exc).split(":")[-1].strip()[:120]
-        raise ModelLoadError(f"{quote(path.name)} of model {quote(model_name)} cannot be read ({reason}); is the "
-                             "file complete? Copy or upload it again") from None
-
-
 def _load_bfl_transformer(model: "LoadedModel") -> Any:
     """The transformer of a BFL-layout file (or of an all-in-one checkpoint), converted and assigned into a module
     built on the meta device."""
@@ -766,7 +633,7 @@ def _load_bfl_transformer(model: "LoadedModel") -> Any:
     from dts_util.models.loader import LOAD_LOCK
 
     path = model.info.files["transformer"]
-    prefix = _bfl_prefix(_shapes(path)) or ""
+    prefix = _bfl_prefix(shapes_of(path)) or ""
     others = tuple(ALL_IN_ONE.values()) if prefix == "" else ()
     state = bfl_to_diffusers(read_tensors(model.name, path, prefix, model.dtype, others), model.info.denoiser_config)
     with LOAD_LOCK, torch.device("meta"):
@@ -799,22 +666,6 @@ def _load_encoder(model: "LoadedModel", cls: type, part: str) -> Any:
     materialize_buffers(module, cls, config)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing:
-        raise ModelLoadError(f"the {COMPANION_KINDS[part]} file {quote(path.name)} of model {quote(model.name)} lacks "
+        raise ModelLoadError(f"the {COMPANIONS.kinds[part]} file {quote(path.name)} of model {quote(model.name)} lacks "
                              f"{len(missing)} tensors (e.g. {missing[0]}); is it that kind of file, and complete?")
     return model.prepare_module(module.to(model.dtype), part)
-
-
-def materialize_buffers(module: torch.nn.Module, cls: type, config: Any) -> None:
-    """Buffers a state dict does not hold (CLIP's position ids) are left on the meta device by ``assign``:
-    take them from a real instance's."""
-    if not any(b.is_meta for b in module.buffers()):
-        return
-    names = {name for name, b in module.named_buffers() if b.is_meta}
-    reference = dict(cls(config).named_buffers()) if sum(p.numel() for p in module.parameters()) < 5e8 else {}
-    for name in names:
-        owner, _, leaf = name.rpartition(".")
-        target = module.get_submodule(owner) if owner else module
-        if name not in reference:
-            raise ModelLoadError(f"cannot build buffer {name} of {cls.__name__}")
-        target.register_buffer(leaf, reference[name], persistent=False)
-
