@@ -163,6 +163,9 @@ class ImageGenerator(Protocol):
                        on_update: UpdateCallback | None = None) -> GenerationOutput:
         """Check, queue and run one request; cancelling the awaiting task stops it at the next step."""
 
+    def check_room(self, model: str) -> None:
+        """QueueFull when a request for ``model`` could not wait now (asked before a protocol decodes images)."""
+
     def prepare_store(self) -> None:
         """Before listening: clean the store of abandoned temporary files, create the built-in model."""
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dts_util.limits import (DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_MAX_LOADED_MODELS, DEFAULT_MAX_STORE_BYTES,
+from dts_util.limits import (DEFAULT_HTTP_TIMEOUT_S, DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_MAX_LOADED_MODELS, DEFAULT_MAX_STORE_BYTES,
                              DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MIN_FREE_DISK_BYTES, DEFAULT_UPLOAD_IDLE_TIMEOUT_S)
 
 DEFAULT_PORT = 7859
@@ -85,6 +85,9 @@ class ServerConfig:
         allow_no_auth: listen beyond loopback without a token (``--no-auth``).
         tls_cert / tls_key: PEM files to serve TLS with (both or neither).
         tls_client_ca: PEM CA bundle; when set, clients must present a certificate it signed.
+        http_port: also serve the HTTP APIs (A1111's /sdapi/v1, OpenAI's /v1/images) on this port of the same
+            address, with the same token and certificate (0 = no HTTP).
+        http_timeout: seconds an HTTP client may take to send its request, or to take a response.
     """
 
     model_dir: Path
@@ -123,10 +126,18 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     advertise: bool = False  # announce the server to the Draw Things app over mDNS
     advertise_name: str = ""  # what the app shows ("" = the host name)
+    http_port: int = 0
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be in 0..65535, got {self.http_port}")
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"--http-port {self.http_port} is the gRPC --port; give HTTP a port of its own")
+        if not 0 < self.http_timeout <= 3600:
+            raise ValueError(f"--http-timeout must be in (0, 3600] seconds, got {self.http_timeout}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         for name in ("max_upload_bytes", "max_concurrent_uploads", "max_loaded_models", "upload_idle_timeout",

@@ -56,3 +56,14 @@ DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 
 # Models held in memory at once (LRU).
 DEFAULT_MAX_LOADED_MODELS = 2
+
+# HTTP APIs (serve --http-port). JSON carries images as base64 (4 bytes per 3 of image): img2img's image and
+# mask, with room for the other fields, and OpenAI's multipart edits the same two files. Every other body is small.
+MAX_HTTP_IMAGE_BODY_BYTES = (MAX_INIT_IMAGE_BYTES + MAX_MASK_BYTES) * 4 // 3 + 1 * MiB
+MAX_HTTP_BODY_BYTES = 1 * MiB
+# One request's head (request line and headers) before h11 refuses it.
+MAX_HTTP_HEADER_BYTES = 64 * KiB
+# Seconds a client may take to send its request, or to take a response, before its connection is closed.
+DEFAULT_HTTP_TIMEOUT_S = 60.0
+# Images one OpenAI request may ask for (its API's own limit).
+MAX_OPENAI_IMAGES = 10

@@ -156,6 +156,11 @@ class WorkerPool:
         name = model or self.default_model
         return min(self.workers, key=lambda worker: (worker.assigned, not worker.holds_model(name)))
 
+    def check_room(self, model: str) -> None:
+        """QueueFull when a request for ``model`` could not wait now: a protocol that must decode images itself
+        before ``generate`` (the HTTP APIs' alpha masks) asks first, as ``generate`` does."""
+        self.pick(model).queue.check_room()
+
     async def generate(self, request: GenerationRequest, *, streamed: bool = False,
                        on_update: UpdateCallback | None = None) -> GenerationOutput:
         worker = self.pick(request.model)

@@ -23,6 +23,10 @@ def serve(
         help="Address to listen on. Without a token only loopback is allowed, unless --no-auth.",
         show_default="0.0.0.0 with a token, 127.0.0.1 without", rich_help_panel=SERVE)] = None,
     port: Annotated[int, typer.Option(help="Port to listen on.", rich_help_panel=SERVE)] = DEFAULT_PORT,
+    http_port: Annotated[int, typer.Option(
+        help="Also serve HTTP/1.1 on this port of the same address: A1111's /sdapi/v1 and OpenAI's /v1/images APIs, "
+             "with the same token, TLS certificate, queue and models (docs at /docs).",
+        show_default="off", rich_help_panel=SERVE)] = 0,
     model_path: ModelDirOpt = None,
     engine_dir: EngineDirOpt = None,
     default_model: Annotated[str, typer.Option(help="Model used when a request names none.",
@@ -71,6 +75,9 @@ def serve(
     max_loaded_models: Annotated[int, typer.Option(help="Models kept in memory at once (least recently used go "
                                                         "first).", rich_help_panel=LIMITS)]
     = limits.DEFAULT_MAX_LOADED_MODELS,
+    http_timeout: Annotated[float, typer.Option(
+        help="Seconds an HTTP client may take to send its request, or to take a response, before its connection "
+             "is closed.", rich_help_panel=LIMITS)] = limits.DEFAULT_HTTP_TIMEOUT_S,
     auth_token_file: Annotated[Optional[Path], typer.Option(
         help="File (mode 0600) holding the bearer token clients must send; else $DTS_AUTH_TOKEN.",
         show_default="none", rich_help_panel=SECURITY)] = None,
@@ -104,7 +111,8 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option(help="Log verbosity.")] = LogLevel.info,
 ) -> None:
     """Start the gRPC server (drawthings.ImageGenerationService, and the Draw Things app's
-    ImageGenerationService on the same port) and serve until Ctrl-C / SIGTERM."""
+    ImageGenerationService on the same port), with --http-port the HTTP APIs beside it, and serve until
+    Ctrl-C / SIGTERM."""
     setup_logging(log_level, rich=False)
     import asyncio
 
@@ -128,7 +136,7 @@ def serve(
             build_missing=build_missing, torch_compile=torch_compile, channels_last=channels_last, fp8=fp8,
             compile_resolutions=_parse_resolutions(compile_resolution), auth_token=token, allow_no_auth=no_auth,
             tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, advertise=advertise,
-            advertise_name=advertise_name)
+            advertise_name=advertise_name, http_port=http_port, http_timeout=http_timeout)
         asyncio.run(_serve(config, engines))
     except (StartupError, DtsError, ValueError) as exc:
         raise fail(str(exc))
@@ -168,6 +176,8 @@ WantedBy=default.target
 @app.command()
 def install(
     port: Annotated[int, typer.Option(help="Port the installed server listens on.")] = DEFAULT_PORT,
+    http_port: Annotated[int, typer.Option(help="Also serve the HTTP APIs (A1111, OpenAI Images) on this port.",
+                                           show_default="off")] = 0,
     model_path: ModelDirOpt = None,
     engine_dir: EngineDirOpt = None,
     service: Annotated[bool, typer.Option(help="Install and start a systemd user service.")] = True,
@@ -199,6 +209,8 @@ def install(
     out.print(f"auth token: {token_file} (mode 0600){'' if new_token else ', kept'}")
     args = ["serve", "--port", str(port), "--model-path", str(model_dir), "--engine-dir", str(engines),
             "--auth-token-file", str(token_file)]
+    if http_port:
+        args += ["--http-port", str(http_port)]
     tls_flags = ""
     if tls:
         from dts_util.security.tls import create_tls_files, default_hosts
@@ -208,6 +220,10 @@ def install(
         tls_flags = f" --ca {tls_files.ca_cert}"
         out.print(f"TLS: certificates in {tls_files.folder}; clients trust {tls_files.ca_cert}")
     out.print(f"clients send the token: DTS_AUTH_TOKEN=$(cat {token_file}) dts-util test --port {port}{tls_flags}")
+    if http_port:
+        scheme = "https" if tls else "http"
+        out.print(f"HTTP APIs: {scheme}://localhost:{http_port}/sdapi/v1 (A1111) and /v1 (OpenAI); the token is the "
+                  "bearer token or the basic-auth password")
     beside_python = Path(sys.executable).with_name("dts-util")
     exe = shutil.which("dts-util") or (str(beside_python) if beside_python.exists()
                                        else f"{sys.executable} -m dts_util")

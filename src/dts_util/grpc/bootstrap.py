@@ -38,6 +38,11 @@ class RunningServer:
                  generator: ImageGenerator, service_names: list[str]) -> None:
         self.server, self.port, self.health = server, port, health_servicer
         self.generator, self.service_names = generator, service_names
+        self.http = None  # the HTTP APIs' server (``--http-port``), when they are on
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     async def set_serving(self, serving: bool, service: str | None = None) -> None:
         """Health of one service, or of the server ("") and every service when ``service`` is None."""
@@ -47,7 +52,10 @@ class RunningServer:
 
     async def stop(self, grace: float | None = GRACE_SECONDS) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.http is not None:  # both protocols' open requests finish within the one grace period
+            await asyncio.gather(self.http.stop(grace or 0), self.server.stop(grace))
+        else:
+            await self.server.stop(grace)
         await asyncio.to_thread(self.generator.close)
 
 
@@ -158,7 +166,21 @@ async def start_server(config: ServerConfig, generator: ImageGenerator,
     await server.start()
     running = RunningServer(server, port, health_servicer, generator, names)
     await running.set_serving(False)
+    if config.http_port:
+        await _start_http(running, config, generator)
     return running
+
+
+async def _start_http(running: RunningServer, config: ServerConfig, generator: ImageGenerator) -> None:
+    """The HTTP APIs beside gRPC, on the same loop, address, token and certificate; a gRPC server already
+    listening is stopped again when HTTP cannot start."""
+    from dts_util import http
+
+    try:
+        running.http = await http.start(config, generator)
+    except BaseException:
+        await running.server.stop(0)
+        raise
 
 
 def _describe_security(config: ServerConfig) -> str:
@@ -184,6 +206,10 @@ async def serve(config: ServerConfig, generator: ImageGenerator) -> None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
     log.info("listening on %s:%d (%s; model store %s, engines %s)", config.address, running.port,
              _describe_security(config), config.model_dir, config.engine_dir)
+    if running.http is not None:
+        scheme = "https" if config.tls_cert else "http"
+        log.info("HTTP APIs on %s://%s:%d (A1111 /sdapi/v1, OpenAI /v1/images; docs at /docs)", scheme,
+                 config.address, running.http_port)
     if not config.auth_token and not is_loopback(config.address):
         log.warning("authentication is OFF (--no-auth) on %s: anyone who can reach port %d can generate and "
                     "write to the model store", config.address, running.port)

@@ -18,7 +18,6 @@ for load-balancer probes), whatever its kind (unary or streaming, either way):
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import time
@@ -31,22 +30,14 @@ from dts_util.errors import CallCancelled, DtsError, InvalidRequest, RequestTooL
 from dts_util.limits import (MAX_ECHO_REQUEST_BYTES, MAX_FILES_EXIST_REQUEST_BYTES, MAX_GENERATE_REQUEST_BYTES,
                              MAX_RECEIVE_MESSAGE_BYTES, MAX_UPLOAD_MESSAGE_BYTES)
 from dts_util.metrics import observe_request
+from dts_util.request_log import begin, line_fields, request_log  # noqa: F401 - request_log: the servicers import it here
 from dts_util.security.tokens import TokenChecker
 
 log = logging.getLogger("dts_util.requests")
-_request_log: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_log")
 OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"
 REQUEST_LIMITS = {"GenerateImage": MAX_GENERATE_REQUEST_BYTES, "GenerateImageStream": MAX_GENERATE_REQUEST_BYTES,
                   "FilesExist": MAX_FILES_EXIST_REQUEST_BYTES,
                   "Echo": MAX_ECHO_REQUEST_BYTES, "UploadFile": MAX_UPLOAD_MESSAGE_BYTES}
-
-
-def request_log() -> dict[str, Any]:
-    """Fields the current request's log line will carry; handlers add to it."""
-    try:
-        return _request_log.get()
-    except LookupError:
-        return {}
 
 
 class _Oversized:
@@ -172,7 +163,7 @@ class _Outcome:
                                   f"accepts at most {self.call.limit} bytes per {self.call.method} message")
 
     async def __aenter__(self) -> "_Outcome":
-        _request_log.set(self.fields)
+        begin(self.fields)
         self.start = time.perf_counter()
         return self
 
@@ -210,6 +201,6 @@ class _Outcome:
 
     def _log(self) -> None:
         elapsed_ms = (time.perf_counter() - self.start) * 1000
-        extra = " ".join(for_log(v) if k == "summary" else f"{k}={for_log(v)}" for k, v in self.fields.items())
+        extra = line_fields(self.fields)
         log.info("%s %s %.1fms peer=%s %s", self.call.method, self.code.name, elapsed_ms, for_log(self.peer), extra)
         observe_request(self.call.method, self.code.name, elapsed_ms / 1000)
