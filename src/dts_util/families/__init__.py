@@ -13,12 +13,16 @@ from typing import Any, Mapping
 
 from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
 from dts_util.families.flux import FluxFamily
+from dts_util.families.flux2_klein import Flux2KleinFamily
 from dts_util.families.sd import StableDiffusionFamily
+from dts_util.families.zimage import ZImageFamily
 
 FAMILIES: Mapping[str, ModelFamily] = MappingProxyType({family.name: family for family in (
     StableDiffusionFamily(xl=False),
     StableDiffusionFamily(xl=True),
     FluxFamily(),
+    ZImageFamily(),
+    Flux2KleinFamily(),
 )})
 
 __all__ = ["FAMILIES", "FamilyDefaults", "LoraFormat", "ModelFamily", "family_for_file", "family_for_index",

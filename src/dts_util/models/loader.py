@@ -50,6 +50,8 @@ class ModelInfo:
     files: Mapping[str, Path] = field(default_factory=dict)
     # The dtype of the denoiser's weights as stored ("bf16", "fp8_e4m3fn", ...; "" where unknown).
     stored_dtype: str = ""
+    # Facts a family reads from model_index.json or a sidecar that no component config holds (klein's is_distilled).
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def model_family(self) -> "ModelFamily":

@@ -131,7 +131,9 @@ class DenoisingPipeline:
         self.model, self.components, self.should_stop = model, components, should_stop
         self.on_preview = on_preview  # gets (step, latents) every req.preview_every steps
         self.device, self.dtype = model.device, model.dtype
-        self.vae_scale = model.info.vae_scale_factor
+        # The latents the sampler denoises: the VAE's (a family may sample a transform of them, FLUX.2 its 2x2
+        # patches, and converts in ``decode``).
+        self.vae_scale, self.latent_channels = model.info.vae_scale_factor, model.info.latent_channels
         self.scaling = float(model.info.vae_config.get("scaling_factor", 0.18215))
         self.shift = float(model.info.vae_config.get("shift_factor") or 0.0)  # FLUX's VAE centres its latents
         self.denoiser_name = model.family.denoiser
@@ -292,7 +294,7 @@ class DenoisingPipeline:
         image_latents = None
         if image is not None and (from_image or (inpaint and not inpainting_model)):
             image_latents = self.image_latents(image.moments, generators)
-        shape = (len(generators), self.model.info.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        shape = (len(generators), self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         noise = torch.cat([initial_noise(req.seed_mode, seed, shape[1:], g)
                            for seed, g in zip(seeds, generators)]).to(self.device, self.dtype)
         source = initial if initial is not None else image_latents

@@ -1,0 +1,366 @@
+"""FLUX.2 [klein] 4B and 9B: a flow-matching MMDiT over FLUX.2's 32-channel VAE, prompted by Qwen3.
+
+What makes klein differ, all of it here (diffusers' ``Flux2KleinPipeline`` defines it):
+
+- **Variants.** 4B (5 double + 20 single blocks, 3072 wide, Qwen3-4B) and 9B (8 + 24 blocks, 4096 wide,
+  Qwen3-8B) are told apart by the transformer's depth; the app knows them as ``flux2_4b`` and ``flux2_9b``.
+  The step-distilled releases (4 steps, no CFG) and the base ones (CFG) share configs: ``model_index.json``'s
+  ``is_distilled`` says which.
+- **Latents.** The sampler denoises 2x2 patches of the VAE's latents (128 channels at 1/16 of the image),
+  normalised by the VAE's batch-norm statistics; ``decode`` undoes both before the VAE decoder.
+- **Prompts.** The prompt goes through the tokenizer's chat template (thinking off), and Qwen3's hidden
+  states of layers 9, 18 and 27, concatenated per token, over all 512 padded tokens.
+- **An input image is a reference**, not a starting point: diffusers' klein encodes it (the latents' mean,
+  patched and normalised) and appends its tokens, at time coordinate 10, to the ones being denoised; the image
+  is edited as the prompt says. A mask (inpainting) is refused: dts-util does not serve klein inpainting yet.
+- **Guidance.** The request's cfg_scale is classifier-free guidance (base models; s <= 1 turns it off);
+  distilled models run without it, as diffusers does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+
+from dts_util.boundary import Shape
+from dts_util.client_text import quote
+from dts_util.engines.components import VAE_DECODER, VAE_ENCODER, ComponentDescriptor
+from dts_util.errors import FeatureUnavailable, ModelLoadError
+from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
+from dts_util.families.single_files import folder_dtype
+from dts_util.families.zimage import encode_chat_prompt
+from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
+from dts_util.pipeline.generation import EncodedImage, PromptEmbeddings, StartState
+from dts_util.pipeline.params import ResolvedRequest
+from dts_util.pipeline.samplers import Sampler
+
+if TYPE_CHECKING:
+    from dts_util.models.loader import LoadedModel, ModelInfo, PromptEncoders
+    from dts_util.pipeline.components import Component, ComponentProvider
+
+PIPELINES = frozenset({"Flux2KleinPipeline"})
+FOLDER_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+MAX_SEQUENCE_LENGTH = 512
+TEXT_LAYERS = (9, 18, 27)  # diffusers' text_encoder_out_layers
+DEFAULT_SIZE = 1024
+DISTILLED_STEPS, BASE_STEPS, BASE_CFG = 4, 50, 4.0  # diffusers' klein defaults and model cards
+REFERENCE_TIME = 10  # the time coordinate of the first reference image's tokens
+NINE_B_DEPTH = 8  # double blocks: 9B has 8, 4B has 5
+
+
+class Flux2KleinFamily(ModelFamily):
+    """FLUX.2 [klein] 4B and 9B, distilled and base (``Flux2KleinPipeline`` folders)."""
+
+    name, denoiser, pipelines = "flux2_klein", "transformer", PIPELINES
+
+    def inspect_folder(self, name: str, path: Path, index: Mapping[str, Any]) -> "ModelInfo":
+        from dts_util.models.loader import ModelInfo
+        from dts_util.models.store import read_json_file
+
+        for part in FOLDER_PARTS:
+            if not (path / part).is_dir():
+                raise ModelLoadError(f"FLUX.2 [klein] model {quote(name)} has no {part}/ folder; a diffusers klein "
+                                     f"folder holds {', '.join(FOLDER_PARTS)}")
+        return ModelInfo(
+            name=name, path=path, family=self.name,
+            denoiser_config=read_json_file(path / "transformer" / "config.json", f"{name}/transformer/config.json"),
+            vae_config=read_json_file(path / "vae" / "config.json", f"{name}/vae/config.json"),
+            scheduler_config=read_json_file(path / "scheduler" / "scheduler_config.json",
+                                            f"{name}/scheduler/scheduler_config.json"),
+            stored_dtype=folder_dtype(path / "transformer"),
+            extras={"is_distilled": bool(index.get("is_distilled", False))})
+
+    def label(self, info: "ModelInfo") -> str:
+        return app_version(info)
+
+    def app_spec(self, info: "ModelInfo") -> dict[str, Any]:
+        return {"version": app_version(info), "upcast_attention": False, "high_precision_autoencoder": True,
+                "text_encoder": "qwen_3_8b" if app_version(info) == "flux2_9b" else "qwen_3_4b",
+                "is_consistency_model": False}
+
+    def native_size(self, info: "ModelInfo") -> int:
+        return DEFAULT_SIZE
+
+    def defaults(self, info: "ModelInfo") -> FamilyDefaults:
+        distilled = is_distilled(info)
+        return FamilyDefaults(DEFAULT_SIZE, DISTILLED_STEPS if distilled else BASE_STEPS,
+                              1.0 if distilled else BASE_CFG, DEFAULT_SAMPLER, 2 * info.vae_scale_factor,
+                              flow_matching=True)
+
+    def check_sampler(self, info: "ModelInfo", sampler: Sampler) -> Sampler:
+        return flow_sampler(info.name, "FLUX.2 [klein]", sampler)
+
+    def auto_dtype(self, info: "ModelInfo", device: str) -> Any:
+        if device.startswith("cuda") or info.stored_dtype in ("bf16", "fp16", "fp8"):
+            return torch.bfloat16
+        return torch.float32
+
+    def load_denoiser(self, model: "LoadedModel") -> Any:
+        from diffusers import Flux2Transformer2DModel
+
+        return model.from_pretrained(Flux2Transformer2DModel, "transformer")
+
+    def load_vae(self, model: "LoadedModel") -> Any:
+        from diffusers import AutoencoderKLFlux2
+
+        return model.from_pretrained(AutoencoderKLFlux2, "vae", model.vae_dtype)
+
+    def load_prompt_encoders(self, model: "LoadedModel") -> "PromptEncoders":
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        from dts_util.models.loader import PromptEncoders
+
+        tokenizer = AutoTokenizer.from_pretrained(model.info.path, subfolder="tokenizer", local_files_only=True)
+        return PromptEncoders([tokenizer], [model.from_pretrained(Qwen3ForCausalLM, "text_encoder")])
+
+    def eager_denoiser(self, module: Any, reason: str = "") -> "Component":
+        return EagerFlux2Transformer(module, reason)
+
+    def pipeline(self, model: "LoadedModel", components: "ComponentProvider", should_stop: Callable[[], bool],
+                 on_preview: Callable[[int, Any], None] | None) -> Callable:
+        return Flux2KleinPipeline(model, components, should_stop, on_preview)
+
+    def components(self) -> Mapping[str, ComponentDescriptor]:
+        return {c.name: c for c in (TRANSFORMER, VAE_DECODER, VAE_ENCODER)}
+
+    def lora_format(self, info: "ModelInfo") -> LoraFormat:
+        return LoraFormat("Flux2LoraLoaderMixin", "load_lora_into_transformer", ())
+
+
+def is_distilled(info: "ModelInfo") -> bool:
+    return bool(info.extras.get("is_distilled", False))
+
+
+def app_version(info: "ModelInfo") -> str:
+    """``flux2_9b`` for 9B's depth (8 double blocks), else ``flux2_4b``."""
+    return "flux2_9b" if int(info.denoiser_config.get("num_layers", 5)) >= NINE_B_DEPTH else "flux2_4b"
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+
+
+class Flux2KleinPipeline(FlowMatchingPipeline):
+    """diffusers' ``Flux2KleinPipeline`` semantics, on the loop every family shares."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The sampler's latents are 2x2 patches of the VAE's, normalised by its batch norm instead of a scale.
+        self.latent_channels, self.vae_scale = 4 * self.model.info.latent_channels, 2 * self.vae_scale
+        self.scaling, self.shift = 1.0, 0.0
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, req: ResolvedRequest, events: Any = None) -> Any:
+        if req.mode == "inpaint":
+            raise FeatureUnavailable(f"FLUX.2 [klein] model {quote(self.model.name)} takes an input image as a "
+                                     "reference to edit; inpainting with a mask is not served for klein: send the "
+                                     "image without a mask")
+        return super().__call__(req, events)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        return (height // self.vae_scale) * (width // self.vae_scale)
+
+    def mu(self, config: Mapping[str, Any], req: ResolvedRequest, width: int, height: int) -> float:
+        return empirical_mu(self.image_tokens(width, height), req.steps)
+
+    def encode_prompt(self, req: ResolvedRequest) -> PromptEmbeddings:
+        encoders = self.model.prompt_encoders()
+        texts = [req.negative_prompt, req.prompt] if req.use_cfg else [req.prompt]
+        hidden, counts = [], {}
+        for key, text in zip(["negative_prompt", "prompt"][-len(texts):], texts):
+            with torch.inference_mode():
+                states, counts[key] = encode_chat_prompt(encoders, text, self.device, enable_thinking=False,
+                                                         layers=TEXT_LAYERS, keep_padding=True)
+            hidden.append(states.to(self.dtype).repeat(req.batch_size, 1, 1))
+        return PromptEmbeddings(torch.cat(hidden), token_counts=counts)
+
+    def sample(self, req: ResolvedRequest, embeddings: PromptEmbeddings, seeds: list[int],
+               generators: list[torch.Generator], width: int, height: int, strength: float, *,
+               image: EncodedImage | None = None, **kwargs: Any) -> torch.Tensor:
+        """An input image conditions every step as reference tokens; sampling always starts from noise."""
+        self.reference = self._reference_tokens(image) if image is not None else None
+        return super().sample(req, embeddings, seeds, generators, width, height, 1.0, **kwargs)
+
+    def denoiser_shape(self, req: ResolvedRequest, latents: torch.Tensor, embeddings: PromptEmbeddings) -> Shape:
+        # In the VAE's latent pixels, as build-engines counts them; the batch stays B (CFG runs a second call).
+        return Shape(2 * latents.shape[2], 2 * latents.shape[3], latents.shape[0], embeddings.hidden_states.shape[1])
+
+    def step_inputs(self, req: ResolvedRequest, embeddings: PromptEmbeddings, start: StartState, width: int,
+                    height: int) -> dict[str, Any]:
+        batch, _, rows, columns = start.latents.shape
+        hidden = embeddings.hidden_states
+        branches = [hidden[-batch:]] + ([hidden[:batch]] if req.use_cfg else [])
+        ids = position_ids(0, rows, columns).expand(batch, -1, -1).to(self.device)
+        text_ids = text_position_ids(hidden.shape[1]).expand(batch, -1, -1).to(self.device)
+        inputs = {"branches": branches, "img_ids": ids, "txt_ids": text_ids, "reference": None}
+        if self.reference is not None:
+            tokens, reference_ids = self.reference
+            inputs["reference"] = tokens.expand(batch, -1, -1)
+            inputs["img_ids"] = torch.cat([ids, reference_ids.expand(batch, -1, -1).to(self.device)], dim=1)
+        return inputs
+
+    def denoise(self, denoiser: Any, scheduler: Any, latents: torch.Tensor, t: torch.Tensor,
+                inputs: dict[str, Any], req: ResolvedRequest) -> torch.Tensor:
+        batch, channels, rows, columns = latents.shape
+        tokens = latents.reshape(batch, channels, rows * columns).permute(0, 2, 1)
+        if inputs["reference"] is not None:  # diffusers' klein runs reference images eagerly too
+            tokens = torch.cat([tokens, inputs["reference"]], dim=1)
+            denoiser = self.model.family.eager_denoiser(self.model.denoiser(), "reference image")
+        timestep = (t.expand(batch) / 1000).to(latents.dtype)
+        predictions = [denoiser(hidden_states=tokens.to(self.dtype), timestep=timestep, encoder_hidden_states=states,
+                                img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"])[:, :rows * columns]
+                       for states in inputs["branches"]]
+        prediction = predictions[0]
+        if req.use_cfg:
+            prediction = predictions[1] + req.cfg_scale * (predictions[0] - predictions[1])
+        return prediction.permute(0, 2, 1).reshape(batch, channels, rows, columns)
+
+    def _reference_tokens(self, image: EncodedImage) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input image as klein's reference: its latents' mean, patched, normalised and flattened to tokens,
+        with positions at time ``REFERENCE_TIME``."""
+        mean = image.moments[:, :self.model.info.latent_channels].to(self.dtype)
+        patches = self._normalise(patchify(mean))
+        _, channels, rows, columns = patches.shape
+        tokens = patches.reshape(1, channels, rows * columns).permute(0, 2, 1)
+        return tokens, position_ids(REFERENCE_TIME, rows, columns)
+
+    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE batch norm's mean and standard deviation (kept apart from the VAE, which an engine may replace)."""
+        def read() -> tuple[torch.Tensor, torch.Tensor]:
+            vae = self.model.vae()
+            eps = float(self.model.info.vae_config.get("batch_norm_eps", 1e-4))
+            mean = vae.bn.running_mean.detach().clone().float().view(1, -1, 1, 1)
+            std = torch.sqrt(vae.bn.running_var.detach().clone().float().view(1, -1, 1, 1) + eps)
+            return mean.to(self.device), std.to(self.device)
+
+        return self.model._load("latent_statistics", read)
+
+    def _normalise(self, patches: torch.Tensor) -> torch.Tensor:
+        mean, std = self._statistics()
+        return ((patches - mean.to(patches.dtype)) / std.to(patches.dtype))
+
+    def decode(self, latents: torch.Tensor, backends: dict[str, str]) -> list:
+        mean, std = self._statistics()
+        return super().decode(unpatchify(latents * std.to(latents.dtype) + mean.to(latents.dtype)), backends)
+
+
+def empirical_mu(tokens: int, steps: int) -> float:
+    """diffusers' FLUX.2 ``compute_empirical_mu``: a shift fitted to the token count and the step count."""
+    a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+    if tokens > 4300:
+        return float(a2 * tokens + b2)
+    at_200, at_10 = a2 * tokens + b2, a1 * tokens + b1
+    slope = (at_200 - at_10) / 190.0
+    return float(slope * steps + (at_200 - 200.0 * slope))
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 4C, h/2, w/2): each 2x2 patch's values as channels, in diffusers' order."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return latents.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    latents = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return latents.reshape(b, c // 4, h * 2, w * 2)
+
+
+def position_ids(time: int, rows: int, columns: int) -> torch.Tensor:
+    """(1, rows x columns, 4) positions (time, row, column, 0) for FLUX.2's 4-axis RoPE."""
+    grid = torch.cartesian_prod(torch.tensor([time]), torch.arange(rows), torch.arange(columns), torch.arange(1))
+    return grid.unsqueeze(0)
+
+
+def text_position_ids(length: int) -> torch.Tensor:
+    grid = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length))
+    return grid.unsqueeze(0)
+
+
+class EagerFlux2Transformer:
+    """A diffusers Flux2Transformer2DModel behind the named-input interface engines share."""
+
+    backend = "eager"
+
+    def __init__(self, module: Any, reason: str = "") -> None:
+        self.module, self.reason = module, reason
+
+    @torch.inference_mode()
+    def __call__(self, *, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 img_ids: torch.Tensor, txt_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden_states=hidden_states, timestep=timestep, guidance=None,
+                           encoder_hidden_states=encoder_hidden_states, img_ids=img_ids, txt_ids=txt_ids,
+                           return_dict=False)[0]
+
+
+# -- the engine component ------------------------------------------------------------------------------
+
+
+class Flux2TransformerComponent(ComponentDescriptor):
+    """klein's transformer on text to image: latent tokens (B, h/2 x w/2, 128) and Qwen3's states to the velocity.
+    With a reference image the token count grows with the image, and the transformer runs eagerly."""
+
+    name, output_name, weights = "transformer", "velocity", "transformer"
+    static_export = True  # the RoPE tables are built with Python ints, which tracing bakes in
+
+    def build_precision(self, info: "ModelInfo", precision: str) -> str:
+        return "bf16" if precision == "fp16" else precision
+
+    def dynamic_axes(self, info: "ModelInfo") -> dict[str, dict[int, str]]:
+        return {"hidden_states": {0: "batch", 1: "image_tokens"}, "timestep": {0: "batch"},
+                "encoder_hidden_states": {0: "batch", 1: "text_tokens"}, "img_ids": {0: "batch", 1: "image_tokens"},
+                "txt_ids": {0: "batch", 1: "text_tokens"}, "velocity": {0: "batch", 1: "image_tokens"}}
+
+    def input_shapes(self, info: "ModelInfo", shape: Shape) -> dict[str, tuple[int, ...]]:
+        config = info.denoiser_config
+        b, tokens = shape.batch, (shape.latent_height // 2) * (shape.latent_width // 2)
+        return {"hidden_states": (b, tokens, int(config["in_channels"])), "timestep": (b,),
+                "encoder_hidden_states": (b, shape.text_length, int(config["joint_attention_dim"])),
+                "img_ids": (b, tokens, 4), "txt_ids": (b, shape.text_length, 4)}
+
+    def output_shape(self, info: "ModelInfo", shape: Shape) -> tuple[int, ...]:
+        config = info.denoiser_config
+        tokens = (shape.latent_height // 2) * (shape.latent_width // 2)
+        return (shape.batch, tokens, int(config.get("out_channels") or config["in_channels"]))
+
+    def free_dimensions(self, info: "ModelInfo", shape: Shape) -> dict[str, int]:
+        return {"batch": shape.batch, "image_tokens": (shape.latent_height // 2) * (shape.latent_width // 2),
+                "text_tokens": shape.text_length}
+
+    def text_lengths(self, info: "ModelInfo", prompt_chunks: tuple[int, ...]) -> list[int]:
+        return [MAX_SEQUENCE_LENGTH]
+
+    def representative_shape(self, info: "ModelInfo") -> Shape:
+        return Shape(16, 16, 1, MAX_SEQUENCE_LENGTH)
+
+    def sample_inputs(self, info: "ModelInfo", shape: Shape, seed: int = 0, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shapes = self.input_shapes(info, shape)
+        rows, columns = shape.latent_height // 2, shape.latent_width // 2
+        inputs = {"hidden_states": torch.randn(shapes["hidden_states"], generator=generator).to(device, dtype),
+                  "timestep": torch.rand(shapes["timestep"], generator=generator).to(device, dtype),
+                  "encoder_hidden_states": torch.randn(shapes["encoder_hidden_states"],
+                                                       generator=generator).to(device, dtype),
+                  "img_ids": position_ids(0, rows, columns).expand(shape.batch, -1, -1).to(device),
+                  "txt_ids": text_position_ids(shape.text_length).expand(shape.batch, -1, -1).to(device)}
+        return inputs
+
+    def export_module(self, model: "LoadedModel") -> torch.nn.Module:
+        return _TransformerForExport(model.denoiser()).eval()
+
+
+class _TransformerForExport(torch.nn.Module):
+    def __init__(self, transformer: Any) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, img_ids, txt_ids):
+        return self.transformer(hidden_states=hidden_states, timestep=timestep, guidance=None,
+                                encoder_hidden_states=encoder_hidden_states, img_ids=img_ids, txt_ids=txt_ids,
+                                return_dict=False)[0]
+
+
+TRANSFORMER = Flux2TransformerComponent()
