@@ -439,7 +439,13 @@ def _infotext(png: bytes) -> str:
         return str(image.info.get("parameters", ""))
 
 
-def a1111_info(body: _Common, plan: Plan, outcome: Outcome, job: Job, infotexts: list[str]) -> dict:
+def _inpainting_model(ctx: ApiContext, name: str) -> bool:
+    """Whether ``name`` is a dedicated inpainting model (its UNet takes the mask: A1111's inpainting conditioning)."""
+    return any(model.inpainting for model in ctx.generator.describe_models() if model.name == name)
+
+
+def a1111_info(body: _Common, plan: Plan, outcome: Outcome, job: Job, infotexts: list[str],
+               inpainting_model: bool = False) -> dict:
     """A1111's ``Processed.js()``: its keys, filled from what this server ran; ``dts_util`` has the server's own
     info of the first pass (backends, timings, the model's fingerprint)."""
     ours = json.loads(outcome.outputs[0].info) if outcome.outputs else {}
@@ -463,7 +469,7 @@ def a1111_info(body: _Common, plan: Plan, outcome: Outcome, job: Job, infotexts:
         "denoising_strength": ours.get("denoising_strength"), "extra_generation_params": extra,
         "index_of_first_image": 0, "infotexts": infotexts, "styles": body.styles or [],
         "job_timestamp": job.timestamp, "clip_skip": ours.get("clip_skip", 1),
-        "is_using_inpainting_conditioning": ours.get("mode") == "inpaint", "version": f"dts-util {__version__}",
+        "is_using_inpainting_conditioning": inpainting_model and ours.get("mode") != "txt2img", "version": f"dts-util {__version__}",
         "notes": plan.notes, "interrupted": outcome.stopped == "interrupted", "dts_util": ours,
     }
     return info
@@ -486,7 +492,9 @@ async def generate(body: _Common, plan: Plan, kind: str, ctx: ApiContext, client
     parameters = body.model_dump(mode="json")
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         parameters.update(init_images=None, mask=None)  # as A1111 does
-    info = a1111_info(body, plan, outcome, job, infotexts)
+    inpainting = bool(outcome.outputs) and await in_pool(_inpainting_model, ctx,
+                                                         json.loads(outcome.outputs[0].info).get("model", ""))
+    info = a1111_info(body, plan, outcome, job, infotexts, inpainting)
     return GenerationResponse(images=encoded if body.send_images else [], parameters=parameters,
                               info=json.dumps(info))
 

@@ -40,12 +40,18 @@ Scope, Message = dict[str, Any], dict[str, Any]
 Receive, Send = Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` itself: FastAPI passes HTTPExceptions of the body's reading through as they are."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is over this endpoint's limit of {limit} bytes; send less (a "
+                              "smaller image, or JPEG/WebP instead of PNG)", headers={"Connection": "close"})
 
 
-class _BodyTimeout(Exception):
-    pass
+class _BodyTimeout(StarletteHTTPException):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout:g} s (the server's --http-timeout)",
+                         headers={"Connection": "close"})
 
 
 def build_app(ctx: ApiContext, apis: tuple[HttpApi, ...]) -> FastAPI:
@@ -110,8 +116,8 @@ class ErrorRenderer:
         message = {404: f"no such endpoint: {request.method} {request.url.path[:200]}",
                    405: f"{request.method} is not allowed on {request.url.path[:200]}"}.get(exc.status_code,
                                                                                           str(exc.detail))
-        return self.response(request.url.path, HttpError(exc.status_code, message, code="not_found"
-                                                          if exc.status_code == 404 else None,
+        code = {404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large"}.get(exc.status_code)
+        return self.response(request.url.path, HttpError(exc.status_code, message, code=code,
                                                           headers=getattr(exc, "headers", None)))
 
 
@@ -148,15 +154,9 @@ class Guard:
                 return
             receive = self._bounded(scope, receive, record)
             await self.app(scope, receive, record.watch(send))
-        except _BodyTooLarge:
-            limit = self._limit(scope["path"])
-            await self._send_error(scope, send, record, HttpError(
-                413, f"the request body is over this endpoint's limit of {limit} bytes; send less (a smaller "
-                     "image, or JPEG/WebP instead of PNG)", code="too_large"))
-        except _BodyTimeout:
-            await self._send_error(scope, send, record, HttpError(
-                408, f"the request body did not arrive within {self.timeout:g} s (the server's --http-timeout)",
-                code="timeout", headers={"Connection": "close"}))
+        except StarletteHTTPException as exc:  # the body's limit or deadline, met outside a route's own reading
+            await self._send_error(scope, send, record, HttpError(exc.status_code, str(exc.detail),
+                                                                  headers=exc.headers))
         except (Stopped, ClientDisconnect):
             record.status = 499  # the client went away: nobody reads an answer
         except asyncio.CancelledError:
@@ -217,12 +217,12 @@ class Guard:
             try:
                 message = await asyncio.wait_for(receive(), self.timeout)
             except asyncio.TimeoutError:
-                raise _BodyTimeout() from None
+                raise _BodyTimeout(self.timeout) from None
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 record.received = state["received"]
                 if state["received"] > limit:
-                    raise _BodyTooLarge()
+                    raise _BodyTooLarge(limit)
                 state["done"] = not message.get("more_body", False)
             else:
                 state["done"] = True

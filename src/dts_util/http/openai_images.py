@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dts_util.boundary import GenerationRequest
 from dts_util.client_text import quote
@@ -130,17 +131,16 @@ async def _edit_request(request: Request, ctx: ApiContext) -> GenerationRequest:
     """The multipart edit as inpainting: fields checked like a generation's, then the image and its mask."""
     try:
         form = await request.form(max_files=4, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FIELD_CHARS)
-    except HttpError:
-        raise
+    except (HttpError, StarletteHTTPException):
+        raise  # the body's own limit or deadline
     except Exception as exc:  # noqa: BLE001 - python-multipart's and Starlette's parse errors: the client's body
         raise invalid(f"the body is not valid multipart/form-data ({getattr(exc, 'detail', type(exc).__name__)}); "
                       "send the image as a file field and the other fields as text", None) from None
-    async with form:
+    try:
         files = form.getlist("image") + form.getlist("image[]")
         masks = form.getlist("mask")
         fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
-        body = _edit_fields(fields)
-        generation = _request(body, ctx)
+        generation = await in_pool(_request, _edit_fields(fields), ctx)  # the model lookup reads the store
         if len(files) != 1 or isinstance(files[0], str):
             raise invalid(f"send one image file as 'image' (got {len(files)}); this server edits one image at a "
                           "time", "image")
@@ -149,6 +149,8 @@ async def _edit_request(request: Request, ctx: ApiContext) -> GenerationRequest:
         ctx.generator.check_room(generation.model)  # a full queue refuses before any image is decoded
         image = await _read_upload(files[0], "image", MAX_INIT_IMAGE_BYTES)
         mask = await _read_upload(masks[0], "mask", MAX_MASK_BYTES) if masks else None
+    finally:
+        await form.close()  # spooled upload files
     init, repaint = await in_pool(edit_images, image, mask)
     # Strength 1: the masked area starts from noise, the rest is kept (OpenAI's edit).
     return replace(generation, init_image=init, mask=repaint, denoising_strength=1.0)
