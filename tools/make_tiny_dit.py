@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
     "{%- endif %}{%- endif %}")
 # FLUX.2 [klein]'s depths (double, single blocks) and the Qwen3 layers its pipeline reads.
-KLEIN_DEPTHS = {"4b": (5, 20), "9b": (8, 24)}
+KLEIN_DEPTHS = {"4b": (5, 20), "9b": (8, 24), "shallow": (1, 2)}  # shallow: quick engine builds in tests
 KLEIN_QWEN_LAYERS = 28
 
 

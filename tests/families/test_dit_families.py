@@ -200,3 +200,41 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(dit_server, di
         assert error.code() == code and words in error.details(), (fields, error.details())
         assert "/tmp" not in error.details() and "Traceback" not in error.details()
     assert dit_client.generate(model="dit/zimage-turbo", prompt=PROMPT, width=64, height=64, steps=1).images
+
+
+def test_engines_klein_serves_on_onnxruntime_and_zimage_says_why_its_transformer_cannot(base_config, dit_server,
+                                                                                         tiny, tmp_path) -> None:
+    from dts_util.engines.builder import build, plan
+    from dts_util.engines.manager import EngineManager
+    from dts_util.models.loader import load_model
+
+    root = dit_server.config.model_dir
+    engine_dir = tmp_path / "engines"
+    # klein at a depth of 1 + 2 blocks: exporting 4B's 25 blocks takes a minute here, and adds nothing.
+    load_tool("make_tiny_dit").build("klein", root / "dit" / "klein-shallow", size="shallow")
+    klein = load_model("dit/klein-shallow", root / "dit" / "klein-shallow", "cpu")
+    jobs = plan(klein, engine_dir, [(64, 64)], [1], backend_name="onnxruntime")
+    assert {job.component.name for job in jobs} == {"transformer", "vae_decoder", "vae_encoder"}
+    for job in jobs:
+        result = build(job, klein, engine_dir)
+        assert result.status == "built", result.error
+    zimage = load_model("dit/zimage-turbo", root / "dit" / "zimage-turbo", "cpu")
+    results = {job.component.name: build(job, zimage, engine_dir)
+               for job in plan(zimage, engine_dir, [(64, 64)], [1], backend_name="onnxruntime")}
+    assert results["vae_decoder"].status == results["vae_encoder"].status == "built"
+    assert results["transformer"].status == "failed" and "complex numbers" in results["transformer"].error
+
+    request = dict(model="dit/klein-shallow", prompt=PROMPT, seed=3, steps=3, width=64, height=64)
+    config = replace(base_config, model_dir=root, engine_dir=engine_dir)
+    with ServerThread(config, EngineManager(engine_dir)) as running, running.client(timeout=300) as client:
+        on_engines = client.generate(**request)
+        z_reply = client.generate(**{**request, "model": "dit/zimage-turbo"})
+    eager = dit_server.client(timeout=300)
+    with eager:
+        reference = eager.generate(**request)
+    backends = json.loads(on_engines.info)["backends"]
+    assert backends["transformer"] == "onnxruntime" and backends["vae_decoder"] == "onnxruntime", backends
+    z_backends = json.loads(z_reply.info)["backends"]
+    assert z_backends["vae_decoder"] == "onnxruntime" and z_backends["transformer"].startswith("eager"), z_backends
+    diff = np.abs(_pixels(on_engines.images[0]) - _pixels(reference.images[0]))
+    assert diff.max() <= 3 and diff.mean() <= 0.05

@@ -344,8 +344,10 @@ class Flux2TransformerComponent(ComponentDescriptor):
                   "timestep": torch.rand(shapes["timestep"], generator=generator).to(device, dtype),
                   "encoder_hidden_states": torch.randn(shapes["encoder_hidden_states"],
                                                        generator=generator).to(device, dtype),
-                  "img_ids": position_ids(0, rows, columns).expand(shape.batch, -1, -1).to(device),
-                  "txt_ids": text_position_ids(shape.text_length).expand(shape.batch, -1, -1).to(device)}
+                  # Positions as floats: engines take float inputs; the RoPE reads them as floats either way.
+                  "img_ids": position_ids(0, rows, columns).expand(shape.batch, -1, -1).to(device, torch.float32),
+                  "txt_ids": text_position_ids(shape.text_length).expand(shape.batch, -1, -1).to(device,
+                                                                                               torch.float32)}
         return inputs
 
     def export_module(self, model: "LoadedModel") -> torch.nn.Module:

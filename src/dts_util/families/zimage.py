@@ -269,8 +269,11 @@ class ZImageTransformerComponent(ComponentDescriptor):
 
     name, output_name, weights = "transformer", "velocity", "transformer"
     # The transformer pads each caption and image to 32 tokens with Python ints, which tracing bakes in: an engine
-    # is exported per shape, caption length included.
+    # would be exported per shape, caption length included.
     static_export = True
+    unsupported = ("Z-Image's transformer computes its RoPE in complex numbers, which ONNX cannot express, and pads "
+                   "captions by their data, which torch.export refuses; it runs eagerly (serve --compile compiles "
+                   "it), and its VAE engines are built")
 
     def build_precision(self, info: "ModelInfo", precision: str) -> str:
         return "bf16" if precision == "fp16" else precision
