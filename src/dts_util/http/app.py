@@ -31,7 +31,7 @@ from dts_util.errors import DtsError
 from dts_util.http.common import ApiContext, HttpApi, HttpError, Stopped, http_error
 from dts_util.limits import MAX_HTTP_BODY_BYTES
 from dts_util.metrics import observe_request
-from dts_util.request_log import begin, line_fields
+from dts_util.request_log import begin, line_fields, request_log
 
 log = logging.getLogger("dts_util.requests")
 # Open without a token: the API's shape is no secret, and the docs page fetches the schema without credentials.
@@ -83,6 +83,7 @@ class ErrorRenderer:
         return next((api for api in self.apis if path.startswith(api.prefix + "/")), self.apis[0])
 
     def response(self, path: str, error: HttpError) -> JSONResponse:
+        request_log()["error"] = error.message  # the request's log line says why
         body = self.api_for(path).error_body(error.status, error.message, error.param, error.code)
         return JSONResponse(body, status_code=error.status, headers=error.headers)
 
@@ -106,6 +107,7 @@ class ErrorRenderer:
         else:
             message, code = f"{param or 'the body'}: {first.get('msg', 'invalid value')}", "invalid_type"
         if self.api_for(request.url.path).prefix == self.apis[0].prefix:
+            request_log()["error"] = message
             # A1111's clients read FastAPI's own 422 list; "error"/"errors" add its middleware's message.
             return JSONResponse({"detail": _jsonable(exc.errors()), "error": "RequestValidationError",
                                  "errors": message}, status_code=422)
