@@ -10,8 +10,6 @@ import time
 import requests
 import webuiapi
 
-from tests.http.helpers import sample_image  # noqa: F401 - shared helpers stay importable
-
 LONG = dict(prompt="a long job", seed=7, steps=150, width=64, height=64, cfg_scale=7, sampler_name="Euler")
 
 

@@ -203,7 +203,8 @@ class Job:
 
     def next_pass(self, pass_no: int) -> None:
         self.pass_no, self.step, self.steps, self.running, self.skipped = pass_no, 0, 0, False, False
-        self.halt.clear()
+        if not self.interrupted:  # an interrupt between two passes still stops the job
+            self.halt.clear()
 
 
 class Progress:
@@ -351,6 +352,7 @@ def _hires(body: Txt2ImgRequest, notes: list[str]) -> dict[str, Any]:
 
 
 def plan_txt2img(body: Txt2ImgRequest, ctx: ApiContext) -> Plan:
+    """Runs on the image pool: naming a model reads the store."""
     notes: list[str] = []
     fields = _common(body, ctx, notes)
     fields.update(_hires(body, notes))
@@ -361,7 +363,7 @@ def plan_txt2img(body: Txt2ImgRequest, ctx: ApiContext) -> Plan:
 
 async def plan_img2img(body: Img2ImgRequest, ctx: ApiContext) -> Plan:
     notes: list[str] = []
-    fields = _common(body, ctx, notes)
+    fields = await in_pool(_common, body, ctx, notes)  # naming a model reads the store
     if not body.init_images:
         raise invalid("img2img needs init_images: a list with one base64 image", "init_images")
     if len(body.init_images) > 1:
@@ -414,6 +416,9 @@ async def run_passes(plan: Plan, job: Job, ctx: ApiContext, client: Request) -> 
     outcome = Outcome([], [])
     size = plan.request.batch_size
     for pass_no in range(plan.passes):
+        if job.interrupted:
+            outcome.stopped = "interrupted"
+            break
         job.next_pass(pass_no)
         request = replace(plan.request, seed=plan.request.seed + pass_no * size)
         try:
@@ -576,7 +581,7 @@ def router(ctx: ApiContext) -> APIRouter:
 
     @routes.post(f"{PREFIX}/txt2img", response_model=GenerationResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request) -> GenerationResponse:
-        return await generate(body, plan_txt2img(body, ctx), "scripts_txt2img", ctx, request)
+        return await generate(body, await in_pool(plan_txt2img, body, ctx), "scripts_txt2img", ctx, request)
 
     @routes.post(f"{PREFIX}/img2img", response_model=GenerationResponse)
     async def img2img(body: Img2ImgRequest, request: Request) -> GenerationResponse:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dts_util.boundary import GenerationRequest
 from dts_util.client_text import quote
-from dts_util.http.common import (ApiContext, HttpApi, HttpError, Stopped, in_pool, invalid, png_bytes,
+from dts_util.http.common import (ApiContext, HttpApi, HttpError, in_pool, invalid, png_bytes,
                                   resolve_model, run_generation)
 from dts_util.limits import MAX_HTTP_IMAGE_BODY_BYTES, MAX_INIT_IMAGE_BYTES, MAX_MASK_BYTES, MAX_OPENAI_IMAGES
 from dts_util.pipeline.params import MAX_BATCH_SIZE, MAX_SAMPLER_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE
@@ -106,10 +106,7 @@ def _request(body: GenerationsRequest, ctx: ApiContext) -> GenerationRequest:
 
 
 async def _answer(ctx: ApiContext, request: GenerationRequest, client: Request) -> dict:
-    try:
-        output = await run_generation(ctx.generator, request, client)
-    except Stopped:
-        raise
+    output = await run_generation(ctx.generator, request, client)
     request_log()["summary"] = output.summary
     data = await in_pool(lambda: [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": None}
                                   for image in output.images])
@@ -181,8 +178,6 @@ async def _read_upload(upload: Any, name: str, max_bytes: int) -> bytes:
 def edit_images(image_bytes: bytes, mask_bytes: bytes | None) -> tuple[bytes, bytes]:
     """(the image as RGB PNG, the repaint mask as PNG, white = repaint) from OpenAI's inputs: the mask's fully
     transparent pixels, or without one the image's own, are what to edit."""
-    from PIL import Image
-
     from dts_util.pipeline.images import decode_image
 
     image = decode_image(image_bytes, "image", MAX_INIT_IMAGE_BYTES)
