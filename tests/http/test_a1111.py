@@ -13,6 +13,7 @@ import requests
 import webuiapi
 from PIL import Image
 
+from dts_util.http.a1111 import Img2ImgRequest
 from tests.http.helpers import b64_png, pixels, sample_image
 
 SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="fog", seed=42, steps=4, cfg_scale=6.5, width=64,
@@ -129,3 +130,13 @@ def test_base64_forms_are_accepted(http_server) -> None:
         answer = requests.post(url, json=dict(SETTINGS, steps=2, init_images=[form]))
         assert answer.status_code == 200, answer.text
         assert Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).size == (64, 64)
+
+
+def test_absent_fields_take_a1111s_defaults(http_server) -> None:
+    answer = requests.post(f"{http_server.http}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64,
+                                                                         "height": 64})
+    parameters, info = answer.json()["parameters"], json.loads(answer.json()["info"])
+    assert (parameters["cfg_scale"], parameters["sampler_index"], parameters["n_iter"]) == (7.0, "Euler", 1)
+    assert info["sampler_name"] == "Euler" and info["cfg_scale"] == 7.0
+    defaults = Img2ImgRequest()
+    assert (defaults.width, defaults.height, defaults.steps, defaults.denoising_strength) == (512, 512, 50, 0.75)

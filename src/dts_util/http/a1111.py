@@ -46,8 +46,8 @@ DEFAULT_PREVIEW_EVERY = 10  # A1111's show_progress_every_n_steps
 
 
 class _Common(BaseModel):
-    """The fields txt2img and img2img share, as A1111's API declares them (unknown fields are ignored, as A1111's
-    pydantic models ignore them)."""
+    """The fields txt2img and img2img share, as A1111's API declares them, with its defaults (512x512, 50 steps,
+    Euler, CFG 7); unknown fields are ignored, as A1111's pydantic models ignore them."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -61,13 +61,13 @@ class _Common(BaseModel):
     seed_resize_from_w: int = -1
     sampler_name: Optional[str] = None
     scheduler: Optional[str] = None
-    sampler_index: Optional[str] = None
+    sampler_index: Optional[str] = "Euler"
     batch_size: int = 1
     n_iter: int = 1
-    steps: Optional[int] = None
-    cfg_scale: Optional[float] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     do_not_save_samples: bool = False
@@ -112,6 +112,7 @@ class Txt2ImgRequest(_Common):
 
 class Img2ImgRequest(_Common):
     init_images: Optional[list[str]] = None
+    denoising_strength: Optional[float] = 0.75
     resize_mode: int = 0
     image_cfg_scale: Optional[float] = None
     mask: Optional[str] = None
@@ -139,6 +140,7 @@ class ProgressResponse(BaseModel):
     state: dict
     current_image: Optional[str] = None
     textinfo: Optional[str] = None
+    current_task: Optional[str] = None
 
 
 # -- samplers -----------------------------------------------------------------------------------------------------

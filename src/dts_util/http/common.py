@@ -204,15 +204,14 @@ def invalid(message: str, param: str | None = None) -> HttpError:
 
 
 def checked_size(value: int | None, name: str) -> int:
-    """A width or height as sent over HTTP: absent is 0 (the model's or the image's size); 0 itself is out of range,
+    """A width or height as sent over HTTP: None is 0 (the model's or the image's size); 0 itself is out of range,
     unlike the seed protocol's 0-means-default."""
     if value is None:
         return 0
     from dts_util.pipeline.params import MAX_SIZE, MIN_SIZE
 
     if not MIN_SIZE <= value <= MAX_SIZE:
-        raise invalid(f"{name} is {value}; send a multiple of 8 in {MIN_SIZE}..{MAX_SIZE} (or leave it out for the "
-                      "model's native size)", name)
+        raise invalid(f"{name} is {value}; send a multiple of 8 in {MIN_SIZE}..{MAX_SIZE}", name)
     return value
 
 
