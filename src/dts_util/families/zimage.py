@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -191,22 +191,30 @@ class ZImagePipeline(FlowMatchingPipeline):
                                   keep_padding=False)
 
     def denoiser_shape(self, req: ResolvedRequest, latents: torch.Tensor, embeddings: PromptEmbeddings) -> Shape:
-        return Shape(latents.shape[2], latents.shape[3], latents.shape[0], embeddings.hidden_states.shape[1])
+        return Shape(latents.shape[2], latents.shape[3], latents.shape[0],
+                     padded_length(embeddings.hidden_states.shape[1]))
 
     def step_inputs(self, req: ResolvedRequest, embeddings: PromptEmbeddings, start: StartState, width: int,
                     height: int) -> dict[str, Any]:
-        branches = [embeddings.hidden_states]
+        """Each branch's caption padded to its multiple of 32 with a mask of its real tokens (the transformer pads
+        so itself); a negative prompt of another padded length runs on a denoiser of its own shape."""
+        branches = [pad_caption(embeddings.hidden_states)]
+        denoisers = [None]
         if req.use_cfg:
-            branches.append(embeddings.negative)
-        return {"branches": branches}
+            branches.append(pad_caption(embeddings.negative))
+            negative_shape = replace(self.denoiser_shape(req, start.latents, embeddings),
+                                     text_length=branches[1][0].shape[1])
+            denoisers.append(self.components.denoiser(negative_shape))
+        return {"branches": branches, "denoisers": denoisers}
 
     def denoise(self, denoiser: Any, scheduler: Any, latents: torch.Tensor, t: torch.Tensor,
                 inputs: dict[str, Any], req: ResolvedRequest) -> torch.Tensor:
         """The velocity the scheduler steps with: the transformer's output negated, guided as
         ``pos + (s - 1)(pos - neg)``, in fp32."""
         timestep = ((1000 - t.expand(latents.shape[0])) / 1000).to(latents.dtype)
-        outputs = [denoiser(latents=latents.to(self.dtype), timestep=timestep, cap_feats=states).float()
-                   for states in inputs["branches"]]
+        outputs = [(branch_denoiser or denoiser)(latents=latents.to(self.dtype), timestep=timestep, cap_feats=states,
+                                                 cap_mask=mask).float()
+                   for (states, mask), branch_denoiser in zip(inputs["branches"], inputs["denoisers"])]
         prediction = outputs[0]
         if req.use_cfg:
             prediction = outputs[0] + (req.cfg_scale - 1.0) * (outputs[0] - outputs[1])
@@ -250,8 +258,23 @@ class EagerZImageTransformer:
         self.module, self.reason = module, reason
 
     @torch.inference_mode()
-    def __call__(self, *, latents: torch.Tensor, timestep: torch.Tensor, cap_feats: torch.Tensor) -> torch.Tensor:
-        return _call_transformer(self.module, latents, timestep, cap_feats)
+    def __call__(self, *, latents: torch.Tensor, timestep: torch.Tensor, cap_feats: torch.Tensor,
+                 cap_mask: torch.Tensor) -> torch.Tensor:
+        real = int(cap_mask[0].sum())  # diffusers pads the caption itself
+        return _call_transformer(self.module, latents, timestep, cap_feats[:, :real])
+
+
+def padded_length(tokens: int) -> int:
+    return tokens + (-tokens) % SEQUENCE_MULTIPLE
+
+
+def pad_caption(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A caption padded to its multiple of 32 (with its last token, as diffusers pads) and the mask of its real
+    tokens: what engines take, so one engine serves every caption length that pads to its own."""
+    batch, tokens, _ = states.shape
+    padding = padded_length(tokens) - tokens
+    mask = torch.cat([torch.ones(batch, tokens), torch.zeros(batch, padding)], dim=1).to(states.device, states.dtype)
+    return torch.cat([states, states[:, -1:].expand(-1, padding, -1)], dim=1), mask
 
 
 def _call_transformer(module: Any, latents: torch.Tensor, timestep: torch.Tensor,
@@ -268,12 +291,9 @@ class ZImageTransformerComponent(ComponentDescriptor):
     """The Z-Image transformer: latents (B, 16, h, w), 1 - sigma and a caption of one length to its output."""
 
     name, output_name, weights = "transformer", "velocity", "transformer"
-    # The transformer pads each caption and image to 32 tokens with Python ints, which tracing bakes in: an engine
-    # would be exported per shape, caption length included.
+    # The transformer pads each caption and image to 32 tokens: an engine is exported per shape, caption length
+    # included (``_TransformerForExport`` writes the forward for fixed shapes).
     static_export = True
-    unsupported = ("Z-Image's transformer computes its RoPE in complex numbers, which ONNX cannot express, and pads "
-                   "captions by their data, which torch.export refuses; it runs eagerly (serve --compile compiles "
-                   "it), and its VAE engines are built")
 
     def build_precision(self, info: "ModelInfo", precision: str) -> str:
         return "bf16" if precision == "fp16" else precision
@@ -281,13 +301,14 @@ class ZImageTransformerComponent(ComponentDescriptor):
     def dynamic_axes(self, info: "ModelInfo") -> dict[str, dict[int, str]]:
         spatial = {0: "batch", 2: "height", 3: "width"}
         return {"latents": spatial, "timestep": {0: "batch"}, "cap_feats": {0: "batch", 1: "text_tokens"},
-                "velocity": spatial}
+                "cap_mask": {0: "batch", 1: "text_tokens"}, "velocity": spatial}
 
     def input_shapes(self, info: "ModelInfo", shape: Shape) -> dict[str, tuple[int, ...]]:
         config = info.denoiser_config
         b = shape.batch
         return {"latents": (b, int(config["in_channels"]), shape.latent_height, shape.latent_width),
-                "timestep": (b,), "cap_feats": (b, shape.text_length, int(config["cap_feat_dim"]))}
+                "timestep": (b,), "cap_feats": (b, shape.text_length, int(config["cap_feat_dim"])),
+                "cap_mask": (b, shape.text_length)}
 
     def output_shape(self, info: "ModelInfo", shape: Shape) -> tuple[int, ...]:
         return (shape.batch, int(info.denoiser_config["in_channels"]), shape.latent_height, shape.latent_width)
@@ -297,37 +318,154 @@ class ZImageTransformerComponent(ComponentDescriptor):
                 "text_tokens": shape.text_length}
 
     def text_lengths(self, info: "ModelInfo", prompt_chunks: tuple[int, ...]) -> list[int]:
-        # A caption is as long as its prompt; the chat template alone is about 10 tokens. build-engines builds
-        # the lengths asked for; --build-missing adds the ones requests bring.
-        return [TOKENS_PER_ENGINE * n for n in prompt_chunks]
+        """Captions pad to multiples of 32 tokens (the chat template alone is about 10), and an engine serves every
+        caption that pads to its length: prompt chunk n (75 CLIP tokens' worth of words) builds all lengths up
+        to 64 x n. Each is a full-size engine; --build-missing adds the lengths requests bring."""
+        return [SEQUENCE_MULTIPLE * k for k in range(1, 2 * max(prompt_chunks) + 1)]
 
     def representative_shape(self, info: "ModelInfo") -> Shape:
-        return Shape(16, 16, 1, TOKENS_PER_ENGINE)
+        return Shape(16, 16, 1, SEQUENCE_MULTIPLE)
 
     def sample_inputs(self, info: "ModelInfo", shape: Shape, seed: int = 0, device: str = "cpu",
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         generator = torch.Generator("cpu").manual_seed(seed)
         inputs = {}
         for name, dims in self.input_shapes(info, shape).items():
-            value = torch.rand(dims, generator=generator) if name == "timestep" else \
-                torch.randn(dims, generator=generator)
+            if name == "cap_mask":  # a caption 2/3 as long as the engine's, the rest padding
+                value = (torch.arange(dims[1]) < max(1, 2 * dims[1] // 3)).float().expand(dims)
+            else:
+                value = torch.rand(dims, generator=generator) if name == "timestep" else \
+                    torch.randn(dims, generator=generator)
             inputs[name] = value.to(device, torch.float32 if name == "timestep" and dtype == torch.float32 else dtype)
         return inputs
 
     def export_module(self, model: "LoadedModel") -> torch.nn.Module:
-        return _TransformerForExport(model.denoiser()).eval()
-
-
-TOKENS_PER_ENGINE = 32  # the transformer's own caption padding unit
+        transformer = model.denoiser()
+        for module in transformer.modules():  # eager serving keeps diffusers' own processor
+            if hasattr(module, "set_processor") and hasattr(module, "norm_q"):
+                module.set_processor(_RealRotaryProcessor())
+        return _TransformerForExport(transformer).eval()
 
 
 class _TransformerForExport(torch.nn.Module):
+    """diffusers' Z-Image forward for one batch of captions padded to one multiple of 32, in traceable form.
+
+    The same modules and arithmetic; what changes is only how it is written: shapes are the engine's (so padding
+    the image to 32 tokens is fixed at export), the caption's padding comes as a mask, the positions' RoPE
+    rotations are real cos/sin tables instead of complex numbers (ONNX has no complex type), and the attention
+    processors apply them so.
+    """
+
     def __init__(self, transformer: Any) -> None:
         super().__init__()
         self.transformer = transformer
+        embedder = transformer.rope_embedder
+        angles = [_rope_angles(dim, length, embedder.theta) for dim, length in zip(embedder.axes_dims,
+                                                                                   embedder.axes_lens)]
+        self.tables = [(angle.cos(), angle.sin()) for angle in angles]
 
-    def forward(self, latents, timestep, cap_feats):
-        return _call_transformer(self.transformer, latents, timestep, cap_feats)
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, cap_feats: torch.Tensor,
+                cap_mask: torch.Tensor) -> torch.Tensor:
+        model = self.transformer
+        batch, channels, height, width = latents.shape
+        rows, columns, text = height // 2, width // 2, cap_feats.shape[1]
+        adaln = model.t_embedder(timestep * model.t_scale).type_as(latents)
+        # Image tokens: 2x2 patches (one frame), padded with the last one to a multiple of 32.
+        tokens = latents.view(batch, channels, 1, 1, rows, 2, columns, 2).permute(0, 2, 4, 6, 3, 5, 7, 1)
+        tokens = tokens.reshape(batch, rows * columns, 4 * channels)
+        image_len = rows * columns
+        x = model.all_x_embedder["2-1"](_pad_tokens(tokens))
+        x = _fill_padding(x, image_len, model.x_pad_token)
+        x_rope = self._rope(_image_positions(rows, columns, text + 1, x.shape[1]), latents.device)
+        for layer in model.noise_refiner:
+            x = layer(x, None, x_rope, adaln)
+        # The caption arrives padded to the engine's length; its padding becomes the pad token, as diffusers does.
+        cap = model.cap_embedder(cap_feats)
+        cap = torch.where(cap_mask[..., None] > 0.5, cap, model.cap_pad_token.to(cap.dtype))
+        cap_rope = self._rope(_caption_positions(text), latents.device)
+        for layer in model.context_refiner:
+            cap = layer(cap, None, cap_rope)
+        unified = torch.cat([x, cap], dim=1)
+        rope = tuple(torch.cat([a, b], dim=1) for a, b in zip(x_rope, cap_rope))
+        for layer in model.layers:
+            unified = layer(unified, None, rope, adaln)
+        out = model.all_final_layer["2-1"](unified, c=adaln)[:, :image_len]
+        out = out.reshape(batch, 1, rows, columns, 1, 2, 2, channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(batch, channels, height, width)
+
+    def _rope(self, positions: torch.Tensor, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, tokens, head_dim / 2) cos and sin of each token's rotation, axis by axis as diffusers concatenates."""
+        cos = torch.cat([table[0][positions[:, i]] for i, table in enumerate(self.tables)], dim=-1)
+        sin = torch.cat([table[1][positions[:, i]] for i, table in enumerate(self.tables)], dim=-1)
+        return cos[None].to(device), sin[None].to(device)
+
+
+SEQUENCE_MULTIPLE = 32  # diffusers' SEQ_MULTI_OF: every image and caption is padded to it
+
+
+def _rope_angles(dim: int, length: int, theta: float) -> torch.Tensor:
+    """diffusers' ``precompute_freqs_cis`` angles: computed in float64, then float32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return torch.outer(torch.arange(length, dtype=torch.float64), freqs).float()
+
+
+def _pad_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    padding = (-tokens.shape[1]) % SEQUENCE_MULTIPLE
+    return torch.cat([tokens, tokens[:, -1:].expand(-1, padding, -1)], dim=1) if padding else tokens
+
+
+def _fill_padding(tokens: torch.Tensor, real: int, pad_token: torch.Tensor) -> torch.Tensor:
+    if tokens.shape[1] == real:
+        return tokens
+    return torch.cat([tokens[:, :real], pad_token.to(tokens.dtype)[None].expand(tokens.shape[0], -1, -1)
+                      .repeat(1, tokens.shape[1] - real, 1)], dim=1)
+
+
+def _image_positions(rows: int, columns: int, start: int, total: int) -> torch.Tensor:
+    """(frame, row, column) of each image token, the frame after the caption; padding at (0, 0, 0)."""
+    positions = torch.zeros(total, 3, dtype=torch.long)
+    positions[:rows * columns, 0] = start
+    positions[:rows * columns, 1] = torch.arange(rows).repeat_interleave(columns)
+    positions[:rows * columns, 2] = torch.arange(columns).repeat(rows)
+    return positions
+
+
+def _caption_positions(total: int) -> torch.Tensor:
+    """(1 + i, 0, 0) for each caption token, padding included."""
+    positions = torch.zeros(total, 3, dtype=torch.long)
+    positions[:, 0] = torch.arange(1, total + 1)
+    return positions
+
+
+class _RealRotaryProcessor:
+    """diffusers' ``ZSingleStreamAttnProcessor`` with the rotation applied as real cos/sin where the traceable
+    forward passes (cos, sin); diffusers' own forward (complex rotations, masks) still goes to diffusers'."""
+
+    def __init__(self) -> None:
+        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+        self.diffusers = ZSingleStreamAttnProcessor()
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                 attention_mask: Any = None, freqs_cis: Any = None) -> torch.Tensor:
+        if not isinstance(freqs_cis, tuple):
+            return self.diffusers(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        query, key, value = (proj(hidden_states).unflatten(-1, (attn.heads, -1))
+                             for proj in (attn.to_q, attn.to_k, attn.to_v))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key = _rotate(query, freqs_cis), _rotate(key, freqs_cis)
+        out = torch.nn.functional.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                               value.transpose(1, 2))
+        return attn.to_out[0](out.transpose(1, 2).flatten(2, 3).to(query.dtype))
+
+
+def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Each (even, odd) pair of ``x`` rotated by its angle: the complex product diffusers computes, in reals."""
+    cos, sin = (t.unsqueeze(2) for t in rope)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(3).type_as(x)
 
 
 TRANSFORMER = ZImageTransformerComponent()
