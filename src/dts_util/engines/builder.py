@@ -145,8 +145,6 @@ def build(job: BuildJob, model: LoadedModel, engine_dir: Path,
     """
     if job.skip_reason:
         return BuildResult(job, "skipped", error=job.skip_reason)
-    if job.component.unsupported:
-        return BuildResult(job, "failed", error=job.component.unsupported)
     with _current_device(job.device):
         return _build(job, model, engine_dir, on_stage)
 

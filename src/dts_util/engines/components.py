@@ -33,9 +33,6 @@ class ComponentDescriptor:
     # The TorchScript exporter cannot keep this component's axes symbolic (FLUX's RoPE reshapes bake their sizes
     # in): it is exported once per engine shape instead of once for all.
     static_export: bool = False
-    # Why no exporter can trace this component yet ("" when one can): its builds fail with this reason, and it
-    # runs eagerly.
-    unsupported: str = ""
 
     def input_names(self, info: ModelInfo) -> list[str]:
         return list(self.input_shapes(info, self.representative_shape(info)))
