@@ -239,3 +239,33 @@ def test_engines_serve_both_families_and_match_eager(base_config, dit_server, ti
         diff = np.abs(_pixels(reply.images[0]) - _pixels(reference.images[0]))
         assert diff.max() <= 3 and diff.mean() <= 0.05
     assert json.loads(longer.info)["backends"]["transformer"].startswith("eager (no engine for 64x64 b1 t")
+
+
+@pytest.mark.parametrize("key, model, targets", [("zimage", "dit/zimage-turbo", ("attention.to_k", "attention.to_v")),
+                                                 ("klein", "dit/klein-4b", ("attn.to_v", "attn.to_add_out"))])
+def test_loras_in_the_diffusers_layout_match_diffusers(dit_server, dit_client, tiny, key, model, targets) -> None:
+    from diffusers import Flux2KleinPipeline, ZImagePipeline
+    from safetensors.torch import save_file
+
+    cls = ZImagePipeline if key == "zimage" else Flux2KleinPipeline
+    pipe = cls.from_pretrained(tiny[key], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    generator, tensors = torch.Generator().manual_seed(3), {}
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith(targets):  # a PEFT-layout LoRA on the attention projections
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator) / 2
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=generator) / 2
+    path = dit_server.config.model_dir / "loras" / f"{key}-style.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    # The tag first and touching the prompt: the text left is exactly PROMPT (Qwen reads spaces as tokens).
+    reply = dit_client.generate(model=model, prompt=f"<lora:{key}-style:0.8>{PROMPT}", width=WIDTH, height=HEIGHT,
+                                steps=3, seed=6)
+    plain = dit_client.generate(model=model, prompt=PROMPT, width=WIDTH, height=HEIGHT, steps=3, seed=6)
+    pipe.load_lora_weights(str(path), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.8])
+    extra = {"guidance_scale": 0.0} if key == "zimage" else {}
+    expected = pipe(prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=3,
+                    generator=torch.Generator("cpu").manual_seed(6), **extra).images
+    _assert_close(list(reply.images), expected)
+    assert np.abs(_pixels(reply.images[0]) - _pixels(plain.images[0])).max() > 2, "the LoRA changed nothing"

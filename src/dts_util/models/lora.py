@@ -173,7 +173,10 @@ class LoraApplier:
         try:
             if unet is not None and unet in pending:
                 _evict_if_full(unet, keep)
-                getattr(cls, self.format.denoiser_method)(state_dict, alphas, unet, adapter_name=lora.adapter)
+                method = getattr(cls, self.format.denoiser_method)
+                # SD's and FLUX's loaders take the kohya alphas; Z-Image's and FLUX.2's read them from the keys.
+                takes_alphas = "network_alphas" in inspect.signature(method).parameters
+                method(state_dict, *([alphas] if takes_alphas else []), unet, adapter_name=lora.adapter)
                 _adapters(unet)[lora.adapter] = True
             for index, encoder in enumerate(text_encoders):
                 if encoder not in pending:
