@@ -94,10 +94,11 @@ def _zimage_reference(folder: Path, kind: str = "txt2img", seed: int = 7, **extr
     return pipe(**{**arguments, **extra}).images
 
 
-def _klein_reference(folder: Path, seed: int = 7, **extra) -> list:
-    from diffusers import Flux2KleinPipeline
+def _klein_reference(folder: Path, seed: int = 7, inpaint: bool = False, **extra) -> list:
+    from diffusers import Flux2KleinInpaintPipeline, Flux2KleinPipeline
 
-    pipe = Flux2KleinPipeline.from_pretrained(folder, local_files_only=True)
+    cls = Flux2KleinInpaintPipeline if inpaint else Flux2KleinPipeline
+    pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     arguments = dict(prompt=PROMPT, height=HEIGHT, width=WIDTH, generator=torch.Generator("cpu").manual_seed(seed))
     return pipe(**{**arguments, **extra}).images
@@ -157,9 +158,15 @@ def test_zimage_as_comfyui_keeps_it_gives_the_folder_s_pixels(dit_client) -> Non
     assert json.loads(reply.info)["model_file"] == "single file"
 
 
-def test_klein_reference_image_and_base_cfg_match_diffusers(dit_client, tiny) -> None:
+def test_klein_reference_image_inpainting_and_base_cfg_match_diffusers(dit_client, tiny) -> None:
+    # An image alone is a reference to edit (Flux2KleinPipeline's image); with a mask it is inpainting.
     reply = dit_client.generate(model="dit/klein-4b", prompt=PROMPT, steps=3, seed=3, init_image=_png(INIT))
     _assert_close(list(reply.images), _klein_reference(tiny["klein"], seed=3, image=INIT, num_inference_steps=3))
+    reply = dit_client.generate(model="dit/klein-4b", prompt=PROMPT, steps=5, seed=3, init_image=_png(INIT),
+                                mask=_png(MASK), skip_mask_overlay=True)
+    assert json.loads(reply.info)["denoising_steps"] == 4  # diffusers' default strength 0.8
+    _assert_close(list(reply.images), _klein_reference(tiny["klein"], seed=3, inpaint=True, image=INIT,
+                                                       mask_image=MASK, num_inference_steps=5))
     summary = next(s for s in dit_client.echo().model_summaries if s.name == "dit/klein-9b-base")
     assert (summary.family, summary.default_steps, summary.default_cfg_scale) == ("flux2_9b", 50, 4.0)
     reply = dit_client.generate(model="dit/klein-9b-base", prompt=PROMPT, width=WIDTH, height=HEIGHT, steps=2, seed=8,
@@ -186,8 +193,7 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(dit_server, di
         (dict(model="dit/zimage-turbo", width=72), grpc.StatusCode.INVALID_ARGUMENT, "multiple of 16"),
         (dict(model="dit/klein-4b", sampler="DPM++ 2M SDE Karras"), grpc.StatusCode.FAILED_PRECONDITION,
          "no flow-matching counterpart"),
-        (dict(model="dit/klein-4b", init_image=_png(INIT.resize((64, 64))), mask=_png(MASK.resize((64, 64)))),
-         grpc.StatusCode.FAILED_PRECONDITION, "reference to edit"),
+        (dict(model="dit/klein-4b", width=0, height=40), grpc.StatusCode.INVALID_ARGUMENT, "height"),
         (dict(model="lonely/z_image_turbo_bf16.safetensors"), grpc.StatusCode.FAILED_PRECONDITION,
          "no Qwen3-4B text encoder (qwen_3_4b.safetensors); FLUX VAE"),
         (dict(model="notok/diffusion_models/z_image_turbo_bf16.safetensors"), grpc.StatusCode.FAILED_PRECONDITION,

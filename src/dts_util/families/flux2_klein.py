@@ -12,7 +12,10 @@ What makes klein differ, all of it here (diffusers' ``Flux2KleinPipeline`` defin
   states of layers 9, 18 and 27, concatenated per token, over all 512 padded tokens.
 - **An input image is a reference**, not a starting point: diffusers' klein encodes it (the latents' mean,
   patched and normalised) and appends its tokens, at time coordinate 10, to the ones being denoised; the image
-  is edited as the prompt says. A mask (inpainting) is refused: dts-util does not serve klein inpainting yet.
+  is edited as the prompt says (``denoising_strength`` does not apply). With a mask it is inpainting, as
+  ``Flux2KleinInpaintPipeline`` does it: the image is both the start (noised to ``denoising_strength``, 0.8 by
+  default) and the reference, and outside the mask (bilinear at the patch grid) its latents are put back
+  after every step.
 - **Guidance.** The request's cfg_scale is classifier-free guidance (base models; s <= 1 turns it off);
   distilled models run without it, as diffusers does.
 """
@@ -27,12 +30,12 @@ import torch
 from dts_util.boundary import Shape
 from dts_util.client_text import quote
 from dts_util.engines.components import VAE_DECODER, VAE_ENCODER, ComponentDescriptor
-from dts_util.errors import FeatureUnavailable, ModelLoadError
+from dts_util.errors import ModelLoadError
 from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
 from dts_util.families.single_files import folder_dtype
 from dts_util.families.zimage import encode_chat_prompt
 from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
-from dts_util.pipeline.generation import EncodedImage, PromptEmbeddings, StartState
+from dts_util.pipeline.generation import EncodedImage, PromptEmbeddings, StartState, mask_to_tensor
 from dts_util.pipeline.params import ResolvedRequest
 from dts_util.pipeline.samplers import Sampler
 
@@ -40,12 +43,13 @@ if TYPE_CHECKING:
     from dts_util.models.loader import LoadedModel, ModelInfo, PromptEncoders
     from dts_util.pipeline.components import Component, ComponentProvider
 
-PIPELINES = frozenset({"Flux2KleinPipeline"})
+PIPELINES = frozenset({"Flux2KleinPipeline", "Flux2KleinInpaintPipeline"})
 FOLDER_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 MAX_SEQUENCE_LENGTH = 512
 TEXT_LAYERS = (9, 18, 27)  # diffusers' text_encoder_out_layers
 DEFAULT_SIZE = 1024
 DISTILLED_STEPS, BASE_STEPS, BASE_CFG = 4, 50, 4.0  # diffusers' klein defaults and model cards
+INPAINT_STRENGTH = 0.8  # diffusers' Flux2KleinInpaintPipeline default
 REFERENCE_TIME = 10  # the time coordinate of the first reference image's tokens
 NINE_B_DEPTH = 8  # double blocks: 9B has 8, 4B has 5
 
@@ -87,7 +91,7 @@ class Flux2KleinFamily(ModelFamily):
         distilled = is_distilled(info)
         return FamilyDefaults(DEFAULT_SIZE, DISTILLED_STEPS if distilled else BASE_STEPS,
                               1.0 if distilled else BASE_CFG, DEFAULT_SAMPLER, 2 * info.vae_scale_factor,
-                              flow_matching=True)
+                              INPAINT_STRENGTH, flow_matching=True)
 
     def check_sampler(self, info: "ModelInfo", sampler: Sampler) -> Sampler:
         return flow_sampler(info.name, "FLUX.2 [klein]", sampler)
@@ -151,12 +155,7 @@ class Flux2KleinPipeline(FlowMatchingPipeline):
         self.scaling, self.shift = 1.0, 0.0
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(self, req: ResolvedRequest, events: Any = None) -> Any:
-        if req.mode == "inpaint":
-            raise FeatureUnavailable(f"FLUX.2 [klein] model {quote(self.model.name)} takes an input image as a "
-                                     "reference to edit; inpainting with a mask is not served for klein: send the "
-                                     "image without a mask")
-        return super().__call__(req, events)
+    samples_masked_image = False  # the inpainting pipeline encodes the image once, by its mean
 
     def image_tokens(self, width: int, height: int) -> int:
         return (height // self.vae_scale) * (width // self.vae_scale)
@@ -178,9 +177,26 @@ class Flux2KleinPipeline(FlowMatchingPipeline):
     def sample(self, req: ResolvedRequest, embeddings: PromptEmbeddings, seeds: list[int],
                generators: list[torch.Generator], width: int, height: int, strength: float, *,
                image: EncodedImage | None = None, **kwargs: Any) -> torch.Tensor:
-        """An input image conditions every step as reference tokens; sampling always starts from noise."""
+        """An input image conditions every step as reference tokens; only inpainting also starts from it."""
         self.reference = self._reference_tokens(image) if image is not None else None
+        if image is not None and image.mask is not None:
+            return super().sample(req, embeddings, seeds, generators, width, height, strength, image=image, **kwargs)
         return super().sample(req, embeddings, seeds, generators, width, height, 1.0, **kwargs)
+
+    def encode_image(self, init: Any, backends: dict[str, str]) -> EncodedImage:
+        """The image's moments; the mask at the patch grid, bilinear over the binarised mask, as klein's inpainting
+        pipeline blends with it."""
+        encoded = super().encode_image(init, backends)
+        if init.mask is not None:
+            pixel_mask = mask_to_tensor(init.mask).to(self.device)
+            size = (pixel_mask.shape[2] // self.vae_scale, pixel_mask.shape[3] // self.vae_scale)
+            encoded.mask = torch.nn.functional.interpolate(pixel_mask, size=size, mode="bilinear").to(self.dtype)
+        return encoded
+
+    def image_latents(self, moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """The image's latents as klein starts inpainting from them: their mean, patched and normalised."""
+        mean = moments[:, :self.model.info.latent_channels].to(self.dtype)
+        return self._normalise(patchify(mean)).repeat(len(generators), 1, 1, 1)
 
     def denoiser_shape(self, req: ResolvedRequest, latents: torch.Tensor, embeddings: PromptEmbeddings) -> Shape:
         # In the VAE's latent pixels, as build-engines counts them; the batch stays B (CFG runs a second call).
@@ -219,8 +235,7 @@ class Flux2KleinPipeline(FlowMatchingPipeline):
     def _reference_tokens(self, image: EncodedImage) -> tuple[torch.Tensor, torch.Tensor]:
         """The input image as klein's reference: its latents' mean, patched, normalised and flattened to tokens,
         with positions at time ``REFERENCE_TIME``."""
-        mean = image.moments[:, :self.model.info.latent_channels].to(self.dtype)
-        patches = self._normalise(patchify(mean))
+        patches = self.image_latents(image.moments, [None])
         _, channels, rows, columns = patches.shape
         tokens = patches.reshape(1, channels, rows * columns).permute(0, 2, 1)
         return tokens, position_ids(REFERENCE_TIME, rows, columns)

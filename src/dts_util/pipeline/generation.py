@@ -125,6 +125,10 @@ class DenoisingPipeline:
         should_stop: polled between steps; True raises GenerationCancelled.
     """
 
+    # diffusers' inpainting pipelines of this family sample the masked image's latents (drawing from the generators)
+    # even for models without an inpainting input.
+    samples_masked_image = True
+
     def __init__(self, model: LoadedModel, components: ComponentProvider,
                  should_stop: Callable[[], bool] = never_stop,
                  on_preview: Callable[[int, torch.Tensor], None] | None = None) -> None:
@@ -302,8 +306,10 @@ class DenoisingPipeline:
             else noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at sigma 1
         start = StartState(latents, timesteps, noise, req.steps - begin)
         if inpaint and not inpainting_model:
-            # Latent masking; the masked image is still encoded and sampled by diffusers, so its draws are made too.
-            _advance(generators, shape)
+            # Latent masking; where the family's diffusers pipeline still encodes and samples the masked image, its
+            # draws are made too.
+            if self.samples_masked_image:
+                _advance(generators, shape)
             start.kept_latents, start.mask = image_latents, image.mask.repeat(len(generators), 1, 1, 1)
         elif inpainting_model:
             start.condition = self.inpainting_condition(image, generators, width, height, backends)
