@@ -22,6 +22,12 @@ weights' values. ``--arch flux`` benchmarks FLUX.1 [dev]'s transformer at full w
 double and 38 single blocks (default 1,2: the full 12B transformer needs 48 GB in fp32); the
 table says which depth ran. Its text encoders are one-layer stand-ins of the real widths: the
 transformer step and the VAE are what is measured.
+
+``--arch zimage`` and ``--arch flux2-klein`` do the same for Z-Image (3840 wide, 30 heads, Qwen3-4B's 2560-wide
+captions; ``--dit-depth LAYERS,REFINERS`` of its 30 main and 2+2 refiner blocks, default 1,1) and FLUX.2
+[klein] 4B (3072 wide, 24 heads, 128 latent channels, 7680-wide text states; ``--dit-depth DOUBLE,SINGLE``
+of its 5 double and 20 single blocks, default 1,2), with their real VAEs and one-head stand-ins of Qwen3
+at its width (klein reads layer 27, so its stand-in has 28 thin layers).
 """
 
 from __future__ import annotations
@@ -117,6 +123,55 @@ def ensure_flux(store_root: Path, depth: str) -> str:
     pipe.save_pretrained(tmp)
     tmp.rename(store_root / name)
     return name
+
+
+ZIMAGE_TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_heads=30,
+                          n_kv_heads=30, cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+KLEIN_TRANSFORMER = dict(patch_size=1, in_channels=128, attention_head_dim=128, num_attention_heads=24,
+                         joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+                         axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False)
+
+
+def _qwen_stand_in(tokenizer, layers: int):
+    """Qwen3 at Qwen3-4B's width (2560) with one thin head per layer: the captions' shape, not its cost."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=2560, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=1, num_key_value_heads=1,
+                                        head_dim=64, tie_word_embeddings=True))
+
+
+def ensure_dit(store_root: Path, arch: str, depth: str) -> str:
+    """Write a full-width, reduced-depth Z-Image or FLUX.2 [klein] 4B with seeded random weights (once)."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2Transformer2DModel, ZImageTransformer2DModel
+
+    first, second = (int(v) for v in depth.split(","))
+    name = f"bench-{arch}-arch-{first}x{second}"
+    if (store_root / name / "model_index.json").is_file():
+        return name
+    print(f"creating {name} ({arch} widths, depth {depth}, random weights) in {store_root}", file=sys.stderr)
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_tiny_dit
+
+    torch.manual_seed(0)
+    if arch == "zimage":
+        pipe = make_tiny_dit.zimage_pipeline()
+        pipe.transformer = ZImageTransformer2DModel(**ZIMAGE_TRANSFORMER, n_layers=first, n_refiner_layers=second)
+        pipe.vae = AutoencoderKL(**FLUX_VAE)
+        pipe.text_encoder = _qwen_stand_in(pipe.tokenizer, 3).model
+    else:
+        pipe = make_tiny_dit.klein_pipeline()
+        pipe.transformer = Flux2Transformer2DModel(**KLEIN_TRANSFORMER, num_layers=first, num_single_layers=second)
+        pipe.vae = AutoencoderKLFlux2()
+        pipe.text_encoder = _qwen_stand_in(pipe.tokenizer, make_tiny_dit.KLEIN_QWEN_LAYERS)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=store_root))
+    pipe.save_pretrained(tmp)
+    tmp.rename(store_root / name)
+    return name
+
+
+DIT_DEPTHS = {"zimage": ("1,1", "main and refiner", (30, 2)), "flux2-klein": ("1,2", "double and single", (5, 20))}
 
 
 def peak_rss_mb() -> float:
@@ -272,7 +327,8 @@ def build_engines(args: argparse.Namespace, variant: str) -> None:
 def run_worker(args: argparse.Namespace, backend: str) -> dict:
     command = [sys.executable, __file__, "--worker", backend] + [
         f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in ("worker", "backends", "arch", "torch_compile", "export_memory", "json", "flux_depth")
+        if key not in ("worker", "backends", "arch", "torch_compile", "export_memory", "json", "flux_depth",
+                       "dit_depth")
         and value is not None]
     # "aotinductor+cudagraph": the same engines, replayed inside a CUDA graph.
     env = {**os.environ, "DTS_AOTI_CUDA_GRAPH": "1" if backend.endswith(CUDA_GRAPH_SUFFIX) else "0"}
@@ -306,20 +362,27 @@ def available_backends(device: str) -> list[str]:
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     eager = next(r for r in rows if r["backend"] == "eager")
     unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
-    denoiser = "transformer" if args.arch == "flux" else "UNet"
+    denoiser = "UNet" if args.arch in ("builtin", "sd15") else "transformer"
     header = f"| backend | {denoiser} step ms | x eager | VAE decode ms | x eager | VAE encode ms | x eager " \
              f"| image s ({args.e2e_steps} steps) | x eager | {unit} | x eager |"
     from dts_util.engines.device import device_info
 
     cpu = device_info("cpu")
-    batch = f"transformer batch {args.batch_size}, guidance embedded" if args.arch == "flux" else \
-        f"UNet batch {args.batch_size * 2} with CFG"
+    batch = {"flux": f"transformer batch {args.batch_size}, guidance embedded",
+             "zimage": f"transformer batch {args.batch_size}, Turbo: no CFG",
+             "flux2-klein": f"transformer batch {args.batch_size}, distilled: no CFG"}.get(
+        args.arch, f"UNet batch {args.batch_size * 2} with CFG")
     print(f"\n{args.model} {args.resolution}, batch {args.batch_size} ({batch}), "
           f"device {args.device}, {os.cpu_count()} CPU cores: {cpu['name']} ({', '.join(cpu['isa'])})")
     if args.arch == "flux":
         double, single = args.flux_depth.split(",")
         print(f"reduced-depth FLUX.1 [dev]: {double} of 19 double and {single} of 38 single blocks at full width; "
               "a full transformer step is about 19/double or 38/single times longer per block type")
+    if args.arch in DIT_DEPTHS:
+        _, kinds, full = DIT_DEPTHS[args.arch]
+        first, second = args.dit_depth.split(",")
+        print(f"reduced-depth {args.arch}: {first} of {full[0]} and {second} of {full[1]} {kinds} blocks at full "
+              "width; a full step is longer in proportion to the blocks")
     if args.engine_components != DEFAULT_ENGINE_COMPONENTS:
         print(f"engine variants run engines for {args.engine_components} only; the rest runs eagerly")
     print(header)
@@ -337,8 +400,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["builtin", "sd15", "flux"], default="builtin")
+    parser.add_argument("--arch", choices=["builtin", "sd15", "flux", "zimage", "flux2-klein"], default="builtin")
     parser.add_argument("--flux-depth", default="1,2", help="--arch flux: DOUBLE,SINGLE blocks [default: 1,2]")
+    parser.add_argument("--dit-depth", help="--arch zimage: LAYERS,REFINERS [1,1]; flux2-klein: DOUBLE,SINGLE [1,2]")
     parser.add_argument("--model", help="model name in --model-dir (overrides --arch)")
     parser.add_argument("--model-dir", default=str(REPO / "models"), help="model store [default: ./models]")
     parser.add_argument("--engine-dir", default=str(REPO / "engines"))
@@ -371,6 +435,9 @@ def main() -> None:
     if args.model is None:
         if args.arch == "flux":
             args.model = ensure_flux(store.root, args.flux_depth)
+        elif args.arch in DIT_DEPTHS:
+            args.dit_depth = args.dit_depth or DIT_DEPTHS[args.arch][0]
+            args.model = ensure_dit(store.root, args.arch, args.dit_depth)
         else:
             args.model = ensure_sd15(store.root) if args.arch == "sd15" else ensure_builtin_model(store).name
     if args.resolution is None:

@@ -57,7 +57,10 @@ def test_uploaded_checkpoint_gives_the_diffusers_folders_images(store_server, ti
         assert name in client.echo().models  # no restart needed
         from_file = client.generate(model=name, **REQUEST)
         from_folder = client.generate(model=f"folders/tiny-{family}", **REQUEST)
-    assert np.array_equal(_pixels(from_file.images[0]), _pixels(from_folder.images[0]))
+    # The same weights through two loaders: equal up to float rounding (SDXL's differs by one level in three
+    # pixels with the libraries of December 2026; it was exact before).
+    difference = np.abs(_pixels(from_file.images[0]) - _pixels(from_folder.images[0]))
+    assert difference.max() <= 1 and difference.mean() < 0.01
     info = json.loads(from_file.info)
     assert info["model"] == name and info["model_file"] == "single file"
     expected = "v_prediction" if family == "sd2" else "epsilon"

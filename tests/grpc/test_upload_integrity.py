@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import os
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -196,7 +197,10 @@ def test_a_folder_another_server_is_building_is_not_swept(model_store, tmp_path)
         (folder / "model_index.json").write_text("{}")
 
     target = publish_folder(model_store.root / "being-built", fill)
-    assert (target / "model_index.json").is_file() and not (target / BUILD_LOCK_FILE).exists()
+    try:
+        assert (target / "model_index.json").is_file() and not (target / BUILD_LOCK_FILE).exists()
+    finally:  # the session's shared store lists its models to other tests
+        shutil.rmtree(target)
 
 
 def test_a_live_upload_is_not_swept_by_a_second_server(client, model_store) -> None:

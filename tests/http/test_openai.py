@@ -62,8 +62,9 @@ def test_edit_is_inpainting_at_strength_one(client, http_server) -> None:
     assert np.array_equal(want[kept], np.asarray(rgba.convert("RGB"))[kept])  # kept pixels are the input's
 
 
-def test_models_and_errors(client) -> None:
-    assert [m.id for m in client.models.list()] == ["builtin-tiny-sd"]
+def test_models_and_errors(client, http_server) -> None:
+    assert [m.id for m in client.models.list()] == http_server.service.model_names()  # the store's, as Echo
+    assert "builtin-tiny-sd" in http_server.service.model_names()
     with pytest.raises(openai.BadRequestError) as url:
         client.images.generate(prompt="x", response_format="url")
     assert url.value.body["param"] == "response_format" and "b64_json" in url.value.body["message"]

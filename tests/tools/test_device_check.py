@@ -29,3 +29,19 @@ def test_the_gpu_check_dry_run_executes_every_step(tmp_path: Path) -> None:
     flux = {row["variant"]: row for row in json.loads((tmp_path / "bench_flux.json").read_text())["rows"]}
     assert flux["eager bf16"]["step_ms"] > 0 and flux["torch.compile bf16"]["pixel_max_diff"] <= 255
     assert flux["fp8 (torchao)"]["skipped"] == "fp8 matmuls need a CUDA GPU"
+
+
+def test_the_dit_step_runs_for_zimage_and_klein() -> None:
+    """``device_check.sh --dit``'s step (bench_flux_step.py --arch zimage / flux2-klein) at toy sizes, in-process."""
+    import argparse
+
+    from tests.tools import load_tool
+
+    bench = load_tool("bench_flux_step")
+    for arch, named in (("zimage", "Z-Image"), ("flux2-klein", "FLUX.2 [klein] 4B")):
+        args = argparse.Namespace(arch=arch, dry_run=True, device="cpu", size=64, steps=1, depth=(19, 38),
+                                  compile_backend="eager")
+        rows = {row["variant"]: row for row in bench.run(args)}
+        assert rows["eager bf16"]["step_ms"] > 0 and rows["torch.compile bf16"]["pixel_max_diff"] <= 255, rows
+        assert rows["fp8 (torchao)"]["skipped"] == "fp8 matmuls need a CUDA GPU"
+        assert args.description.startswith(named), args.description

@@ -339,7 +339,7 @@ class FluxTransformerComponent(ComponentDescriptor):
             axes["guidance"] = {0: "batch"}
         return axes
 
-    def inputshapes_of(self, info: "ModelInfo", shape: Shape) -> dict[str, tuple[int, ...]]:
+    def input_shapes(self, info: "ModelInfo", shape: Shape) -> dict[str, tuple[int, ...]]:
         config = info.denoiser_config
         b, tokens = shape.batch, (shape.latent_height // 2) * (shape.latent_width // 2)
         shapes = {"hidden_states": (b, tokens, int(config["in_channels"])), "timestep": (b,),
@@ -369,7 +369,7 @@ class FluxTransformerComponent(ComponentDescriptor):
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         generator = torch.Generator("cpu").manual_seed(seed)
         inputs = {}
-        for name, dims in self.inputshapes_of(info, shape).items():
+        for name, dims in self.input_shapes(info, shape).items():
             if name == "timestep":
                 value = torch.rand(dims, generator=generator)  # sigma in [0, 1)
             elif name == "guidance":
