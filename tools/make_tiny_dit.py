@@ -7,6 +7,7 @@ For trying these families without downloading 20 GB, and for the tests:
     python tools/make_tiny_dit.py zimage --layout comfy checkpoints/tiny-zimage     # transformer + qwen_3 + ae
     python tools/make_tiny_dit.py klein models/tiny-klein-4b
     python tools/make_tiny_dit.py klein --9b --base models/tiny-klein-9b-base
+    python tools/make_tiny_dit.py klein --layout comfy checkpoints/tiny-klein      # transformer + qwen_3 + vae
 
 Every part has the real architecture at a toy width: the family's transformer, a Qwen3 text encoder over
 a byte-level BPE vocabulary built here with a Qwen3-style chat template (the real vocabulary is not on
@@ -177,6 +178,82 @@ def _zimage_to_original(state: dict) -> dict:
     return out
 
 
+def klein_comfy_files(diffusers_folder: Path, out: Path) -> dict[str, Path]:
+    """A klein diffusers folder as ComfyUI's split files: the transformer in Black Forest Labs' layout
+    (``flux-2-klein-4b.safetensors``), ``qwen_3_4b.safetensors`` and ``flux2-vae.safetensors`` in the original
+    VAE layout, plus the Qwen tokenizer folder the text encoder file does not carry."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from convert_to_single_file import _standalone, convert_vae
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"transformer": out / "flux-2-klein-4b.safetensors", "text_encoder": out / "qwen_3_4b.safetensors",
+             "vae": out / "flux2-vae.safetensors"}
+    transformer = load_file(str(diffusers_folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file(_standalone(_klein_to_bfl(transformer), torch.float32), str(files["transformer"]))
+    encoder = load_file(str(diffusers_folder / "text_encoder" / "model.safetensors"))
+    save_file({k: v for k, v in encoder.items() if not k.startswith("lm_head.")}, str(files["text_encoder"]))
+    vae = load_file(str(diffusers_folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    original = convert_vae({k: v for k, v in vae.items() if not k.startswith("bn.")})
+    for source, target in (("quant_conv.", "encoder.quant_conv."), ("post_quant_conv.", "decoder.post_quant_conv.")):
+        for key in [k for k in original if k.startswith(source)]:
+            original[target + key[len(source):]] = original.pop(key)
+    original.update({k: v for k, v in vae.items() if k in ("bn.running_mean", "bn.running_var")})
+    save_file(_standalone(original, torch.float32), str(files["vae"]))
+    shutil.copytree(diffusers_folder / "tokenizer", out / "qwen_tokenizer")
+    return files
+
+
+# diffusers' Flux2Transformer2DModel names -> Black Forest Labs' (the inverse of diffusers' FLUX.2 converter).
+KLEIN_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+             "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+             "single_stream_modulation.linear": "single_stream_modulation.lin", "proj_out": "final_layer.linear"}
+KLEIN_DOUBLE = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.to_out.0": "img_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+                "attn.to_add_out": "txt_attn.proj", "ff_context.linear_in": "txt_mlp.0",
+                "ff_context.linear_out": "txt_mlp.2"}
+KLEIN_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
+                "attn.norm_k": "norm.key_norm"}
+
+
+def _klein_to_bfl(state: dict) -> dict:
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        name, _, suffix = key.rpartition(".")
+        if name in KLEIN_TOP:
+            out[f"{KLEIN_TOP[name]}.{suffix}"] = value
+        elif name == "norm_out.linear":  # BFL keeps (shift, scale), diffusers (scale, shift)
+            first, second = value.chunk(2, dim=0)
+            out[f"final_layer.adaLN_modulation.1.{suffix}"] = torch.cat([second, first])
+        elif key.startswith("transformer_blocks."):
+            index, inner = name.split(".", 2)[1], name.split(".", 2)[2]
+            if inner in ("attn.to_q", "attn.add_q_proj"):
+                side, names = ("img", ("to_q", "to_k", "to_v")) if inner == "attn.to_q" else \
+                    ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))
+                out[f"double_blocks.{index}.{side}_attn.qkv.{suffix}"] = torch.cat(
+                    [state[f"transformer_blocks.{index}.attn.{n}.{suffix}"] for n in names])
+            elif inner in KLEIN_DOUBLE:
+                target = KLEIN_DOUBLE[inner]
+                out[f"double_blocks.{index}.{target}.{'scale' if 'norm' in target else suffix}"] = value
+        elif key.startswith("single_transformer_blocks."):
+            index, inner = name.split(".", 2)[1], name.split(".", 2)[2]
+            target = KLEIN_SINGLE[inner]
+            out[f"single_blocks.{index}.{target}.{'scale' if 'norm' in target else suffix}"] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import tempfile
@@ -185,20 +262,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("family", choices=("zimage", "klein"))
     parser.add_argument("out", type=Path, help="the folder to write")
     parser.add_argument("--layout", choices=("diffusers", "comfy"), default="diffusers",
-                        help="comfy: ComfyUI's split files (Z-Image)")
+                        help="comfy: ComfyUI's split files")
     parser.add_argument("--base", action="store_true", help="the undistilled base model (CFG, more steps)")
     parser.add_argument("--9b", dest="size", action="store_const", const="9b", default="4b",
                         help="klein: 9B's depth (default 4B's)")
     args = parser.parse_args(argv)
     if args.layout == "diffusers":
         build(args.family, args.out, args.base, args.size)
-    elif args.family == "zimage":
-        with tempfile.TemporaryDirectory() as folder:
-            zimage_comfy_files(build("zimage", Path(folder) / "zimage", args.base), args.out)
-            if args.base:  # a single file cannot say it is the base model: its sidecar does
-                (args.out / "z_image_turbo_bf16.safetensors.dts.json").write_text(json.dumps({"variant": "base"}))
     else:
-        parser.error("--layout comfy is written for Z-Image; klein is made in the diffusers layout")
+        with tempfile.TemporaryDirectory() as folder:
+            source = build(args.family, Path(folder) / args.family, args.base, args.size)
+            files = (zimage_comfy_files if args.family == "zimage" else klein_comfy_files)(source, args.out)
+            if args.base:  # a single file cannot say it is the base model: its sidecar does
+                sidecar = files["transformer"].with_name(files["transformer"].name + ".dts.json")
+                sidecar.write_text(json.dumps({"variant": "base"}))
     print(f"wrote {args.out} (tiny {args.family}, {args.layout} layout, random weights)")
 
 

@@ -65,6 +65,15 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     shutil.move(split["vae"], comfy / "vae" / "ae.safetensors")
     shutil.rmtree(comfy / "split")
     models["comfy"] = comfy
+    # klein as ComfyUI keeps it: models/diffusion_models, models/text_encoders, models/vae.
+    klein = root / "klein-comfy"
+    split = tool.klein_comfy_files(models["klein"], klein / "split")
+    for part, folder in (("transformer", "diffusion_models"), ("text_encoder", "text_encoders"), ("vae", "vae")):
+        (klein / folder).mkdir()
+        shutil.move(split[part], klein / folder / split[part].name)
+    shutil.move(klein / "split" / "qwen_tokenizer", klein / "diffusion_models" / "qwen_tokenizer")
+    shutil.rmtree(klein / "split")
+    models["klein_comfy"] = klein
     return models
 
 
@@ -74,6 +83,7 @@ def dit_server(base_config, model_store, tiny, tmp_path_factory):
     for key in ("zimage", "zimage_base", "klein", "klein_9b_base"):
         shutil.copytree(tiny[key], root / "dit" / tiny[key].name)
     shutil.copytree(tiny["comfy"], root / "comfy")
+    shutil.copytree(tiny["klein_comfy"], root / "klein-comfy")
     with ServerThread(replace(base_config, model_dir=root)) as running:
         yield running
 
@@ -146,15 +156,17 @@ def test_zimage_img2img_and_inpainting_match_diffusers(dit_client, tiny, kind, s
                                                         num_inference_steps=steps, guidance_scale=0.0, **references))
 
 
-def test_zimage_as_comfyui_keeps_it_gives_the_folder_s_pixels(dit_client) -> None:
+@pytest.mark.parametrize("folder, name, family", [
+    ("dit/zimage-turbo", "comfy/diffusion_models/z_image_turbo_bf16.safetensors", "zimage"),
+    ("dit/klein-4b", "klein-comfy/diffusion_models/flux-2-klein-4b.safetensors", "flux2_4b")])
+def test_comfyui_s_split_files_give_the_folder_s_pixels(dit_client, folder, name, family) -> None:
     request = dict(prompt=PROMPT, width=WIDTH, height=HEIGHT, steps=3, seed=9)
-    folder = dit_client.generate(model="dit/zimage-turbo", **request).images[0]
+    from_folder = dit_client.generate(model=folder, **request).images[0]
     listed = {s.name: s.family for s in dit_client.echo().model_summaries}
-    name = "comfy/diffusion_models/z_image_turbo_bf16.safetensors"
-    assert listed[name] == "zimage"
-    assert not any("qwen_3" in model or "ae.safetensors" in model for model in listed)
+    assert listed[name] == family
+    assert not any("qwen_3" in model or "vae" in model or "ae.safetensors" in model for model in listed)
     reply = dit_client.generate(model=name, **request)
-    assert np.abs(_pixels(reply.images[0]) - _pixels(folder)).max() <= ROUNDING
+    assert np.abs(_pixels(reply.images[0]) - _pixels(from_folder)).max() <= ROUNDING
     assert json.loads(reply.info)["model_file"] == "single file"
 
 

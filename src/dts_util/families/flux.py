@@ -408,7 +408,8 @@ TRANSFORMER = FluxTransformerComponent()
 def _bfl_prefix(keys: Mapping[str, Any]) -> str | None:
     """The prefix of a FLUX transformer's tensors in Black Forest Labs' layout, or None when there is none."""
     for prefix in BFL_PREFIXES:
-        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in keys and f"{prefix}img_in.weight" in keys:
+        # FLUX.1's pooled CLIP vector (vector_in) tells it from FLUX.2, whose blocks are named alike.
+        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in keys and f"{prefix}vector_in.in_layer.weight" in keys:
             return prefix
     return None
 

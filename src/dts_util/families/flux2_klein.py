@@ -6,6 +6,10 @@ What makes klein differ, all of it here (diffusers' ``Flux2KleinPipeline`` defin
   Qwen3-8B) are told apart by the transformer's depth; the app knows them as ``flux2_4b`` and ``flux2_9b``.
   The step-distilled releases (4 steps, no CFG) and the base ones (CFG) share configs: ``model_index.json``'s
   ``is_distilled`` says which.
+- **Files.** A diffusers folder, or ComfyUI's split files: the transformer in Black Forest Labs' layout
+  (``flux-2-klein-4b.safetensors``, renamed by diffusers' own converter), ``qwen_3_4b.safetensors`` (or
+  ``qwen_3_8b``) and ``flux2-vae.safetensors`` in its original layout, with the Qwen tokenizer folder beside them;
+  a single file is taken as distilled unless ``<file>.dts.json`` says ``{"variant": "base"}``.
 - **Latents.** The sampler denoises 2x2 patches of the VAE's latents (128 channels at 1/16 of the image),
   normalised by the VAE's batch-norm statistics; ``decode`` undoes both before the VAE decoder.
 - **Prompts.** The prompt goes through the tokenizer's chat template (thinking off), and Qwen3's hidden
@@ -22,6 +26,8 @@ What makes klein differ, all of it here (diffusers' ``Flux2KleinPipeline`` defin
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -32,7 +38,8 @@ from dts_util.client_text import quote
 from dts_util.engines.components import VAE_DECODER, VAE_ENCODER, ComponentDescriptor
 from dts_util.errors import ModelLoadError
 from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
-from dts_util.families.single_files import folder_dtype
+from dts_util.families.single_files import (Companions, count_indices, folder_dtype, load_into_meta_module,
+                                            read_sidecar, read_tensors, safetensors_dtype, shapes_of, strip_prefix)
 from dts_util.families.zimage import encode_chat_prompt
 from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
 from dts_util.pipeline.generation import EncodedImage, PromptEmbeddings, StartState, mask_to_tensor
@@ -76,6 +83,25 @@ class Flux2KleinFamily(ModelFamily):
             stored_dtype=folder_dtype(path / "transformer"),
             extras={"is_distilled": bool(index.get("is_distilled", False))})
 
+    def recognizes_file(self, keys: Mapping[str, tuple[int, ...]]) -> bool:
+        return _transformer_prefix(keys) is not None
+
+    def inspect_file(self, name: str, path: Path, config_cache: Path) -> "ModelInfo":
+        from dts_util.models.loader import ModelInfo
+        from dts_util.models.store import read_json_file
+
+        keys = shapes_of(path)
+        files = COMPANIONS.find(name, path, keys)
+        distilled = read_sidecar(name, path).get("variant") != "base"  # the released klein files are distilled
+        folder = _config_folder(name, files, distilled, config_cache)
+        return ModelInfo(
+            name=name, path=path, family=self.name,
+            denoiser_config=read_json_file(folder / "transformer" / "config.json", f"{name} (transformer config)"),
+            vae_config=read_json_file(folder / "vae" / "config.json", f"{name} (vae config)"),
+            scheduler_config=read_json_file(folder / "scheduler" / "scheduler_config.json", f"{name} (scheduler)"),
+            config_dir=folder, prediction_source="FLUX.2 flow matching", files=files,
+            stored_dtype=safetensors_dtype(path, _transformer_prefix(keys) or ""), extras={"is_distilled": distilled})
+
     def label(self, info: "ModelInfo") -> str:
         return app_version(info)
 
@@ -104,19 +130,27 @@ class Flux2KleinFamily(ModelFamily):
     def load_denoiser(self, model: "LoadedModel") -> Any:
         from diffusers import Flux2Transformer2DModel
 
+        if model.info.single_file:
+            return _load_transformer_file(model)
         return model.from_pretrained(Flux2Transformer2DModel, "transformer")
 
     def load_vae(self, model: "LoadedModel") -> Any:
         from diffusers import AutoencoderKLFlux2
 
+        if model.info.single_file:
+            return _load_vae_file(model)
         return model.from_pretrained(AutoencoderKLFlux2, "vae", model.vae_dtype)
 
     def load_prompt_encoders(self, model: "LoadedModel") -> "PromptEncoders":
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 
+        from dts_util.families.zimage import load_qwen3_file
         from dts_util.models.loader import PromptEncoders
 
-        tokenizer = AutoTokenizer.from_pretrained(model.info.path, subfolder="tokenizer", local_files_only=True)
+        folder = model.info.config_dir or model.info.path
+        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        if model.info.single_file:
+            return PromptEncoders([tokenizer], [load_qwen3_file(model, Qwen3ForCausalLM, "text_encoder")])
         return PromptEncoders([tokenizer], [model.from_pretrained(Qwen3ForCausalLM, "text_encoder")])
 
     def eager_denoiser(self, module: Any, reason: str = "") -> "Component":
@@ -381,3 +415,134 @@ class _TransformerForExport(torch.nn.Module):
 
 
 TRANSFORMER = Flux2TransformerComponent()
+
+
+# -- ComfyUI's split files -------------------------------------------------------------------------------------
+
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "")
+
+
+def _transformer_prefix(keys: Mapping[str, Any]) -> str | None:
+    """The prefix of a FLUX.2 transformer in Black Forest Labs' layout (shared modulations, no CLIP vector)."""
+    for prefix in TRANSFORMER_PREFIXES:
+        if f"{prefix}double_stream_modulation_img.lin.weight" in keys and f"{prefix}img_in.weight" in keys:
+            return prefix
+    return None
+
+
+def _vae_kind(keys: Mapping[str, tuple[int, ...]], prefix: str = "") -> bool:
+    """FLUX.2's VAE in its original layout: 32 latent channels and the latents' batch norm."""
+    conv = keys.get(f"{prefix}decoder.conv_in.weight")
+    return conv is not None and len(conv) == 4 and conv[1] == 32 and f"{prefix}bn.running_mean" in keys
+
+
+def _companion_kind(keys: Mapping[str, tuple[int, ...]], prefix: str = "") -> str | None:
+    from dts_util.families.zimage import qwen3_prefix
+
+    if qwen3_prefix(strip_prefix(keys, prefix)) is not None:
+        return "text_encoder"
+    return "vae" if _vae_kind(keys, prefix) else None
+
+
+COMPANIONS = Companions("FLUX.2 [klein]", {"text_encoder": "Qwen3 text encoder (qwen_3_4b.safetensors for 4B, "
+                                                           "qwen_3_8b.safetensors for 9B)",
+                                           "vae": "FLUX.2 VAE (flux2-vae.safetensors)"},
+                        _companion_kind, {"text_encoder": ("qwen",), "vae": ("flux2", "ae", "vae")})
+
+
+def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Flux2Transformer2DModel's config from a BFL-layout transformer's shapes; the RoPE splits a head in four
+    equal axes and its theta is 2000, as FLUX.2's."""
+    inner, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    return {"_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": in_channels,
+            "out_channels": shapes["final_layer.linear.weight"][0],
+            "num_layers": count_indices(shapes, r"double_blocks\.(\d+)\."),
+            "num_single_layers": count_indices(shapes, r"single_blocks\.(\d+)\."),
+            "attention_head_dim": head_dim, "num_attention_heads": inner // head_dim,
+            "joint_attention_dim": shapes["txt_in.weight"][1],
+            "timestep_guidance_channels": shapes["time_in.in_layer.weight"][1],
+            "mlp_ratio": shapes["double_blocks.0.img_mlp.0.weight"][0] / 2 / inner,
+            "axes_dims_rope": [head_dim // 4] * 4, "rope_theta": 2000,
+            "guidance_embeds": "guidance_in.in_layer.weight" in shapes}
+
+
+def vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """AutoencoderKLFlux2's config from its original layout's shapes."""
+    levels = count_indices(shapes, r"encoder\.down\.(\d+)\.")
+    return {"_class_name": "AutoencoderKLFlux2", "in_channels": shapes["encoder.conv_in.weight"][1],
+            "out_channels": shapes["decoder.conv_out.weight"][0],
+            "latent_channels": shapes["decoder.conv_in.weight"][1],
+            "block_out_channels": [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)],
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "layers_per_block": count_indices(shapes, r"encoder\.down\.0\.block\.(\d+)\."), "norm_num_groups": 32,
+            "act_fn": "silu", "sample_size": 1024, "use_quant_conv": "encoder.quant_conv.weight" in shapes,
+            "use_post_quant_conv": "decoder.post_quant_conv.weight" in shapes, "batch_norm_eps": 1e-4,
+            "patch_size": [2, 2]}
+
+
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+             "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+             "max_image_seq_len": 4096, "time_shift_type": "exponential"}
+
+
+def _config_folder(name: str, files: Mapping[str, Path], distilled: bool, cache: Path) -> Path:
+    from dts_util.families.zimage import find_qwen_tokenizer, qwen3_config, qwen3_prefix
+    from dts_util.models.store import publish_folder
+
+    transformer = shapes_of(files["transformer"])
+    encoder = shapes_of(files["text_encoder"])
+    configs = {"transformer": transformer_config(strip_prefix(transformer, _transformer_prefix(transformer) or "")),
+               "vae": vae_config(shapes_of(files["vae"])),
+               "text_encoder": qwen3_config(strip_prefix(encoder, qwen3_prefix(encoder) or ""), "Qwen3ForCausalLM"),
+               "scheduler": SCHEDULER}
+    tokenizer = find_qwen_tokenizer(name, files["transformer"])
+    key = hashlib.sha256(json.dumps([configs, str(tokenizer), distilled], sort_keys=True).encode()).hexdigest()[:16]
+    return publish_folder(cache / f"klein-{key}", lambda folder: _fill(folder, configs, tokenizer, distilled))
+
+
+def _fill(folder: Path, configs: Mapping[str, dict], tokenizer: Path, distilled: bool) -> None:
+    import shutil
+
+    for part, config in configs.items():
+        (folder / part).mkdir(parents=True)
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        (folder / part / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    shutil.copytree(tokenizer, folder / "tokenizer")
+    index = {"_class_name": "Flux2KleinPipeline", "is_distilled": distilled,
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
+             "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _load_transformer_file(model: "LoadedModel") -> Any:
+    """A BFL-layout transformer, renamed by diffusers' own FLUX.2 converter, filled into a module built on meta."""
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    path = model.info.files["transformer"]
+    state = read_tensors(model.name, path, _transformer_prefix(shapes_of(path)) or "", model.dtype)
+    state = convert_flux2_transformer_checkpoint_to_diffusers(state)
+    return load_into_meta_module(model, Flux2Transformer2DModel, model.info.denoiser_config, state, "transformer",
+                                 "FLUX.2 [klein] transformer", path)
+
+
+def _load_vae_file(model: "LoadedModel") -> Any:
+    """FLUX.2's VAE in its original layout: the LDM names diffusers' converter reads (its quant convs sit under
+    encoder./decoder.), plus the latents' batch norm."""
+    from diffusers import AutoencoderKLFlux2
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = model.info.files["vae"]
+    dtype = model.vae_dtype
+    state = read_tensors(model.name, path, "", dtype)
+    for source, target in (("encoder.quant_conv.", "quant_conv."), ("decoder.post_quant_conv.", "post_quant_conv.")):
+        for key in [k for k in state if k.startswith(source)]:
+            state[target + key[len(source):]] = state.pop(key)
+    converted = convert_ldm_vae_checkpoint(state, model.info.vae_config)
+    for key in ("bn.running_mean", "bn.running_var"):
+        converted[key] = state[key].float()
+    converted.setdefault("bn.num_batches_tracked", torch.tensor(0))
+    return load_into_meta_module(model, AutoencoderKLFlux2, model.info.vae_config, converted, "vae",
+                                 "FLUX.2 VAE", path, dtype=dtype)

@@ -187,7 +187,7 @@ def read_tensors(model_name: str, path: Path, prefix: str, dtype: torch.dtype,
 
 
 def load_into_meta_module(model: Any, cls: type, config: Any, state: dict[str, torch.Tensor], part: str,
-                          what: str, path: Path, strict: bool = True) -> Any:
+                          what: str, path: Path, strict: bool = True, dtype: torch.dtype | None = None) -> Any:
     """``cls(config)`` built on the meta device and filled with ``state`` (already at the model's dtype), so a
     multi-billion-parameter module is never materialised in fp32 first; ModelLoadError when the file does not
     fit."""
@@ -205,7 +205,7 @@ def load_into_meta_module(model: Any, cls: type, config: Any, state: dict[str, t
     if missing:
         raise ModelLoadError(f"the {what} file {quote(path.name)} of model {quote(model.name)} lacks "
                              f"{len(missing)} tensors (e.g. {missing[0]}); is it that kind of file, and complete?")
-    return model.prepare_module(module.to(model.dtype), part)
+    return model.prepare_module(module.to(dtype or model.dtype), part)
 
 
 def materialize_buffers(module: torch.nn.Module, cls: type, config: Any) -> None:
