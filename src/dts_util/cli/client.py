@@ -36,16 +36,18 @@ def generate(
     width: Annotated[int, typer.Option(help="Width (0 = model's native size).")] = 0,
     height: Annotated[int, typer.Option(help="Height (0 = model's native size).")] = 0,
     steps: Annotated[int, typer.Option(help="Sampling steps (0 = the model's default: 20; FLUX.1 dev 28, "
-                                            "schnell 4).")] = 0,
+                                            "schnell 4; Z-Image Turbo 9, Base 28; FLUX.2 klein 4, base "
+                                            "50).")] = 0,
     cfg_scale: Annotated[float, typer.Option(help="Guidance scale (0 = the model's default: 7, <= 1 disables CFG; "
-                                                  "FLUX.1 dev: its distilled guidance, 3.5).")] = 0.0,
+                                                  "FLUX.1 dev: its distilled guidance, 3.5; Z-Image Turbo and "
+                                                  "klein: 1, Z-Image Base 5, klein base 4).")] = 0.0,
     true_cfg_scale: Annotated[float, typer.Option(help="FLUX.1 dev: true CFG with --negative, > 1 (it doubles the "
                                                        "work; 0 = none).")] = 0.0,
     shift: Annotated[float, typer.Option(help="Flow-matching models: a fixed sigma shift (0 = the model's own, "
                                               "resolution-dependent for FLUX.1 dev).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed (-1 = random); image i uses seed + i.")] = -1,
     sampler: Annotated[str, typer.Option(help="Sampler name, e.g. 'Euler a' ('' = the model's default: DPM++ 2M "
-                                              "Karras; FLUX: Euler).")] = "",
+                                              "Karras; flow-matching models: Euler).")] = "",
     batch_size: Annotated[int, typer.Option(help="Images per pass.")] = 1,
     batch_count: Annotated[int, typer.Option(help="Number of passes.")] = 1,
     enable_hr: Annotated[bool, typer.Option("--hires", help="High-res fix: upscale and refine.")] = False,

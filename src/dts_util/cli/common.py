@@ -88,7 +88,10 @@ def print_table(table) -> None:
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    # Escaped: server messages name things like "FLUX.2 [klein]", which rich would take for markup and drop.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code=1)
 
 
