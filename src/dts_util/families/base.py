@@ -108,6 +108,26 @@ class ModelFamily:
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
 
 
+class FlowMatchingFamily(ModelFamily):
+    """What the flow-matching transformer families (FLUX.1, Z-Image, FLUX.2 [klein]) share as families."""
+
+    display_name: str  # the family in messages ("FLUX", "Z-Image", ...)
+
+    def check_sampler(self, info: "ModelInfo", sampler: "Sampler") -> "Sampler":
+        from dts_util.pipeline.flow import flow_sampler
+
+        return flow_sampler(info.name, self.display_name, sampler)
+
+    def auto_dtype(self, info: "ModelInfo", device: str) -> Any:
+        """bf16 on CUDA (these transformers overflow fp16); on the CPU the weights' own width, fp8 read as bf16:
+        a multi-billion-parameter transformer in fp32 needs four bytes a parameter."""
+        import torch
+
+        if device.startswith("cuda") or info.stored_dtype in ("bf16", "fp16", "fp8"):
+            return torch.bfloat16
+        return torch.float32
+
+
 @dataclass(frozen=True)
 class LoraFormat:
     """How diffusers loads this family's LoRA files: the loader mixin (it reads kohya, A1111 and diffusers

@@ -32,14 +32,13 @@ from dts_util.boundary import Shape
 from dts_util.client_text import quote
 from dts_util.engines.components import ComponentDescriptor, VAE_DECODER, VAE_ENCODER
 from dts_util.errors import ModelLoadError
-from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
+from dts_util.families.base import FamilyDefaults, FlowMatchingFamily, LoraFormat
 from dts_util.families.single_files import (Companions, count_indices, flux_vae_kind, folder_dtype,
                                             materialize_buffers, read_tensors, safetensors_dtype, shapes_of,
                                             strip_prefix)
-from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
+from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline
 from dts_util.pipeline.generation import PromptEmbeddings, StartState
 from dts_util.pipeline.params import ResolvedRequest
-from dts_util.pipeline.samplers import Sampler
 
 if TYPE_CHECKING:
     from dts_util.models.loader import LoadedModel, ModelInfo, PromptEncoders
@@ -70,10 +69,11 @@ LATENT_RGB = (((-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.
 
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(FlowMatchingFamily):
     """FLUX.1 [dev] (guidance-distilled) and [schnell] (step-distilled), told apart by the guidance embedding."""
 
     name, denoiser, pipelines = "flux", "transformer", PIPELINES
+    display_name = "FLUX"
     latent_rgb = LATENT_RGB
 
     # -- recognising and inspecting files ----------------------------------------------------------
@@ -144,17 +144,7 @@ class FluxFamily(ModelFamily):
                               DEFAULT_SAMPLER, self.size_multiple(info), IMG2IMG_STRENGTH, distilled_guidance=True,
                               flow_matching=True)
 
-    def check_sampler(self, info: "ModelInfo", sampler: Sampler) -> Sampler:
-        return flow_sampler(info.name, "FLUX", sampler)
-
     # -- loading -------------------------------------------------------------------------------------
-
-    def auto_dtype(self, info: "ModelInfo", device: str) -> Any:
-        """bf16 on CUDA (FLUX overflows in fp16); on the CPU the weights' own width, fp8 read as bf16: a 12B
-        transformer in fp32 needs 48 GB."""
-        if device.startswith("cuda") or info.stored_dtype in ("bf16", "fp16", "fp8"):
-            return torch.bfloat16
-        return torch.float32
 
     def load_denoiser(self, model: "LoadedModel") -> Any:
         from diffusers import FluxTransformer2DModel

@@ -37,14 +37,13 @@ from dts_util.boundary import Shape
 from dts_util.client_text import quote
 from dts_util.engines.components import VAE_DECODER, VAE_ENCODER, ComponentDescriptor
 from dts_util.errors import ModelLoadError
-from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
+from dts_util.families.base import FamilyDefaults, FlowMatchingFamily, LoraFormat
 from dts_util.families.single_files import (Companions, count_indices, folder_dtype, load_into_meta_module,
                                             read_sidecar, read_tensors, safetensors_dtype, shapes_of, strip_prefix)
 from dts_util.families.zimage import encode_chat_prompt
-from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
+from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline
 from dts_util.pipeline.generation import EncodedImage, PromptEmbeddings, StartState, mask_to_tensor
 from dts_util.pipeline.params import ResolvedRequest
-from dts_util.pipeline.samplers import Sampler
 
 if TYPE_CHECKING:
     from dts_util.models.loader import LoadedModel, ModelInfo, PromptEncoders
@@ -61,10 +60,11 @@ REFERENCE_TIME = 10  # the time coordinate of the first reference image's tokens
 NINE_B_DEPTH = 8  # double blocks: 9B has 8, 4B has 5
 
 
-class Flux2KleinFamily(ModelFamily):
+class Flux2KleinFamily(FlowMatchingFamily):
     """FLUX.2 [klein] 4B and 9B, distilled and base (``Flux2KleinPipeline`` folders)."""
 
     name, denoiser, pipelines = "flux2_klein", "transformer", PIPELINES
+    display_name = "FLUX.2 [klein]"
 
     def inspect_folder(self, name: str, path: Path, index: Mapping[str, Any]) -> "ModelInfo":
         from dts_util.models.loader import ModelInfo
@@ -118,14 +118,6 @@ class Flux2KleinFamily(ModelFamily):
         return FamilyDefaults(DEFAULT_SIZE, DISTILLED_STEPS if distilled else BASE_STEPS,
                               1.0 if distilled else BASE_CFG, DEFAULT_SAMPLER, 2 * info.vae_scale_factor,
                               INPAINT_STRENGTH, flow_matching=True)
-
-    def check_sampler(self, info: "ModelInfo", sampler: Sampler) -> Sampler:
-        return flow_sampler(info.name, "FLUX.2 [klein]", sampler)
-
-    def auto_dtype(self, info: "ModelInfo", device: str) -> Any:
-        if device.startswith("cuda") or info.stored_dtype in ("bf16", "fp16", "fp8"):
-            return torch.bfloat16
-        return torch.float32
 
     def load_denoiser(self, model: "LoadedModel") -> Any:
         from diffusers import Flux2Transformer2DModel

@@ -30,14 +30,13 @@ from dts_util.boundary import Shape
 from dts_util.client_text import quote
 from dts_util.engines.components import VAE_DECODER, VAE_ENCODER, ComponentDescriptor
 from dts_util.errors import ModelLoadError
-from dts_util.families.base import FamilyDefaults, LoraFormat, ModelFamily
+from dts_util.families.base import FamilyDefaults, FlowMatchingFamily, LoraFormat
 from dts_util.families.flux import LATENT_RGB, vae_config
 from dts_util.families.single_files import (Companions, count_indices, flux_vae_kind, folder_dtype, read_sidecar,
                                             read_tensors, safetensors_dtype, shapes_of, strip_prefix)
-from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline, flow_sampler
+from dts_util.pipeline.flow import DEFAULT_SAMPLER, FlowMatchingPipeline
 from dts_util.pipeline.generation import PromptEmbeddings, StartState
 from dts_util.pipeline.params import ResolvedRequest
-from dts_util.pipeline.samplers import Sampler
 
 if TYPE_CHECKING:
     from dts_util.models.loader import LoadedModel, ModelInfo, PromptEncoders
@@ -56,10 +55,11 @@ QWEN_PREFIXES = ("model.", "")
 TOKENIZER_FOLDERS = ("tokenizer", "qwen_tokenizer", "../tokenizer", "../qwen_tokenizer")
 
 
-class ZImageFamily(ModelFamily):
+class ZImageFamily(FlowMatchingFamily):
     """Z-Image Turbo and Base (``ZImagePipeline`` folders and ComfyUI's split files)."""
 
     name, denoiser, pipelines = "zimage", "transformer", PIPELINES
+    display_name = "Z-Image"
     latent_rgb = LATENT_RGB  # FLUX.1's VAE
 
     def recognizes(self, index: Mapping[str, Any]) -> bool:
@@ -116,15 +116,6 @@ class ZImageFamily(ModelFamily):
         turbo = is_turbo(info)
         return FamilyDefaults(DEFAULT_SIZE, TURBO_STEPS if turbo else BASE_STEPS, 1.0 if turbo else BASE_CFG,
                               DEFAULT_SAMPLER, 2 * info.vae_scale_factor, IMG2IMG_STRENGTH, flow_matching=True)
-
-    def check_sampler(self, info: "ModelInfo", sampler: Sampler) -> Sampler:
-        return flow_sampler(info.name, "Z-Image", sampler)
-
-    def auto_dtype(self, info: "ModelInfo", device: str) -> Any:
-        """bf16 on CUDA (the release's width); on the CPU the weights' own width, fp8 read as bf16."""
-        if device.startswith("cuda") or info.stored_dtype in ("bf16", "fp16", "fp8"):
-            return torch.bfloat16
-        return torch.float32
 
     def load_denoiser(self, model: "LoadedModel") -> Any:
         from diffusers import ZImageTransformer2DModel
