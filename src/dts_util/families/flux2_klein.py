@@ -134,16 +134,11 @@ class Flux2KleinFamily(FlowMatchingFamily):
         return model.from_pretrained(AutoencoderKLFlux2, "vae", model.vae_dtype)
 
     def load_prompt_encoders(self, model: "LoadedModel") -> "PromptEncoders":
-        from transformers import AutoTokenizer, Qwen3ForCausalLM
+        from transformers import Qwen3ForCausalLM
 
-        from dts_util.families.zimage import load_qwen3_file
-        from dts_util.models.loader import PromptEncoders
+        from dts_util.families.zimage import load_qwen_encoders
 
-        folder = model.info.config_dir or model.info.path
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        if model.info.single_file:
-            return PromptEncoders([tokenizer], [load_qwen3_file(model, Qwen3ForCausalLM, "text_encoder")])
-        return PromptEncoders([tokenizer], [model.from_pretrained(Qwen3ForCausalLM, "text_encoder")])
+        return load_qwen_encoders(model, Qwen3ForCausalLM)
 
     def eager_denoiser(self, module: Any, reason: str = "") -> "Component":
         return EagerFlux2Transformer(module, reason)

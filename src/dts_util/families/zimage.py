@@ -130,15 +130,9 @@ class ZImageFamily(FlowMatchingFamily):
         return model.from_pretrained(AutoencoderKL, "vae", model.vae_dtype, file=model.info.files.get("vae"))
 
     def load_prompt_encoders(self, model: "LoadedModel") -> "PromptEncoders":
-        from transformers import AutoTokenizer, Qwen3Model
+        from transformers import Qwen3Model
 
-        from dts_util.models.loader import PromptEncoders
-
-        folder = model.info.config_dir or model.info.path
-        tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        if not model.info.single_file:
-            return PromptEncoders([tokenizer], [model.from_pretrained(Qwen3Model, "text_encoder")])
-        return PromptEncoders([tokenizer], [load_qwen3_file(model, Qwen3Model, "text_encoder")])
+        return load_qwen_encoders(model, Qwen3Model)
 
     def eager_denoiser(self, module: Any, reason: str = "") -> "Component":
         return EagerZImageTransformer(module, reason)
@@ -578,6 +572,19 @@ def _load_transformer_file(model: "LoadedModel") -> Any:
     state = convert_z_image_transformer_checkpoint_to_diffusers(state)
     return load_into_meta_module(model, ZImageTransformer2DModel, model.info.denoiser_config, state, "transformer",
                                  "Z-Image transformer", path)
+
+
+def load_qwen_encoders(model: "LoadedModel", cls: type) -> "PromptEncoders":
+    """The Qwen tokenizer and a Qwen3 text encoder (``cls``), from a diffusers folder or a single file."""
+    from transformers import AutoTokenizer
+
+    from dts_util.models.loader import PromptEncoders
+
+    folder = model.info.config_dir or model.info.path
+    tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    if model.info.single_file:
+        return PromptEncoders([tokenizer], [load_qwen3_file(model, cls, "text_encoder")])
+    return PromptEncoders([tokenizer], [model.from_pretrained(cls, "text_encoder")])
 
 
 def load_qwen3_file(model: "LoadedModel", cls: type, part: str) -> Any:
